@@ -1,0 +1,1 @@
+"""Training side of splitbits: split model zoo, datasets, Entropic-Student training, checkpoints."""
