@@ -1,0 +1,290 @@
+"""Checkpoint → bundle (DESIGN.md): ONNX graphs, entropy tables, golden I/O, manifest; verified.
+
+The bundle is assembled in a temporary directory beside ``out`` and renamed into place only after
+ONNX Runtime has reproduced the torch reference on the golden inputs, so a failed export never
+leaves a half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from splitbits.runtime.bundle import (
+    CODEC,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    fingerprint_of,
+    load_bundle,
+    runtime_version,
+    sha256_file,
+)
+from splitbits.runtime.errors import VerificationError
+from splitbits.runtime.verify import GOLDEN, Tolerance, VerifyReport, verify_bundle
+from splitbits.trainer.models import ModelSpec, MSHPBottleneck, SplitClassifier
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # TensorRT 10.3 (JetPack 6) parses opsets up to 20
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    verification: VerifyReport
+    seconds: float
+
+
+class _Head(nn.Module):
+    def __init__(self, m: SplitClassifier) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor):
+        return self.m.run_head(x)
+
+
+class _Hyper(nn.Module):
+    def __init__(self, m: SplitClassifier) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, z_hat: torch.Tensor):
+        return self.m.run_hyper(z_hat)
+
+
+class _Tail(nn.Module):
+    def __init__(self, m: SplitClassifier) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, y_hat: torch.Tensor):
+        return self.m.run_tail(y_hat)
+
+
+def _versions() -> dict[str, str]:
+    out = {"splitbits": runtime_version(), "python": platform.python_version()}
+    for pkg in ("torch", "compressai", "onnx", "onnxruntime", "numpy", "constriction", "numba"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, in_name: str,
+                 out_names: list[str], opset: int) -> None:
+    dyn = {in_name: {0: "N"}, **{o: {0: "N"} for o in out_names}}
+    module.eval()  # the exporter follows the wrapper's mode, not its children's
+    with warnings.catch_warnings():  # the TorchScript exporter is the one that handles GDN here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module, (example,), str(path), input_names=[in_name], output_names=out_names,
+            dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def _tables(em) -> dict[str, np.ndarray]:
+    return {
+        "cdf": em._quantized_cdf.cpu().numpy().astype(np.int32),
+        "cdf_length": em._cdf_length.cpu().numpy().astype(np.int32).reshape(-1),
+        "offset": em._offset.cpu().numpy().astype(np.int32).reshape(-1),
+    }
+
+
+def codec_arrays(model: SplitClassifier) -> dict[str, np.ndarray]:
+    """The entropy tables that compressai's ``update()`` built, in the runtime's npz layout."""
+    bl = model.bottleneck_layer
+    arrays: dict[str, np.ndarray] = {"precision": np.array(bl.entropy_bottleneck.entropy_coder_precision)}
+    eb_prefix = "z" if isinstance(bl, MSHPBottleneck) else "y"
+    for k, v in _tables(bl.entropy_bottleneck).items():
+        arrays[f"{eb_prefix}_{k}"] = v
+    arrays[f"{eb_prefix}_medians"] = bl.entropy_bottleneck.quantiles[:, 0, 1].detach().cpu().numpy().astype(np.float32)
+    if isinstance(bl, MSHPBottleneck):
+        gc = bl.gaussian_conditional
+        for k, v in _tables(gc).items():
+            arrays[f"y_{k}"] = v
+        arrays["scale_table"] = gc.scale_table.cpu().numpy().astype(np.float32)
+        arrays["scale_bound"] = np.array(float(gc.lower_bound_scale.bound), dtype=np.float32)
+    return arrays
+
+
+def _ensure_tables(model: SplitClassifier) -> None:
+    eb = model.bottleneck_layer.entropy_bottleneck
+    if eb._offset.numel() == 0:
+        log.info("checkpoint has no entropy tables yet: running compressai update()")
+        model.update_entropy_tables(force=True)
+
+
+@torch.no_grad()
+def _golden(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The torch/compressai reference on the golden inputs (independent of the runtime's code)."""
+    bl = model.bottleneck_layer
+    xt = torch.from_numpy(x)
+    lat = model.run_head(xt)
+    g: dict[str, np.ndarray] = {"x": x, "y": lat[0].numpy()}
+    if isinstance(bl, MSHPBottleneck):
+        z = lat[1]
+        zsym = bl.entropy_bottleneck.quantize(z, "symbols", bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1))
+        z_hat = bl.entropy_bottleneck.dequantize(zsym, bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1))
+        scales, means = bl.hyper(z_hat)
+        idx = bl.gaussian_conditional.build_indexes(scales)
+        ysym = bl.gaussian_conditional.quantize(lat[0], "symbols", means)
+        y_hat = bl.gaussian_conditional.dequantize(ysym, means)
+        g.update(z=z.numpy(), z_symbols=zsym.numpy().astype(np.int32), scales=scales.numpy(),
+                 means=means.numpy(), idx=idx.numpy().astype(np.int32))
+    else:
+        med = bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+        ysym = bl.entropy_bottleneck.quantize(lat[0], "symbols", med)
+        y_hat = bl.entropy_bottleneck.dequantize(ysym, med)
+    g["y_symbols"] = ysym.numpy().astype(np.int32)
+    g["y_hat"] = y_hat.numpy().astype(np.float32)
+    g["logits"] = model.run_tail(y_hat).numpy()
+    ref = [model.decompress_reference(model.compress_reference(xt[i:i + 1])["strings"],
+                                      tuple(lat[-1].shape[-2:])).numpy()[0] for i in range(x.shape[0])]
+    g["logits_reference"] = np.stack(ref)
+    if labels is not None:
+        g["labels"] = labels.astype(np.int64)
+    return g
+
+
+def _golden_images(dataset: str, spec: ModelSpec, count: int) -> tuple[np.ndarray, np.ndarray]:
+    from splitbits.runtime.datasets import open_dataset
+
+    ds = open_dataset(dataset, split="val", image_size=spec.input_size, limit=count)
+    if len(ds) == 0:
+        raise ValueError(f"dataset {dataset!r} is empty")
+    imgs, labels = zip(*(ds[i] for i in range(min(count, len(ds)))))
+    return np.stack(imgs), np.asarray(labels)
+
+
+def _file_entries(root: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(root).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return files
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    manifest["files"] = _file_entries(root)
+    manifest["fingerprint"] = fingerprint_of(manifest["files"])
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def export_bundle(
+    model: SplitClassifier,
+    out: str | os.PathLike,
+    *,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    dataset: str = "builtin",
+    golden_count: int = 8,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    tol: Tolerance | None = None,
+    source: str | None = None,
+) -> ExportResult:
+    """Export ``model`` to the bundle directory ``out`` and verify it with ONNX Runtime.
+
+    Golden inputs are ``images`` (uint8 NHWC) if given, else the first ``golden_count`` validation
+    images of ``dataset`` at the model's input size.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, SplitClassifier):
+        raise TypeError("only split students (with an entropy bottleneck) can be exported")
+    if not 7 <= opset <= 20:
+        raise ValueError(f"opset {opset} outside 7..20 (TensorRT 10.3 accepts at most 20)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
+    model = model.eval().cpu().float()
+    _ensure_tables(model)
+    spec = model.spec
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "golden").mkdir(parents=True)
+    try:
+        if images is None:
+            images, labels = _golden_images(dataset, spec, golden_count)
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+        s = spec.input_size
+        if x.shape[1:] != (3, s, s):
+            raise ValueError(f"golden images must be {s}x{s}x3, got {images.shape[1:]}")
+        ex = torch.from_numpy(x[:1])
+        lat = model.run_head(ex)
+        names = list(model.bottleneck_layer.latent_names())
+        _export_onnx(_Head(model), ex, tmp / "head.onnx", "x", names, opset)
+        graphs: dict[str, Any] = {"head": {"file": "head.onnx", "inputs": {"x": [3, s, s]},
+                                           "outputs": {n: list(t.shape[1:]) for n, t in zip(names, lat)}}}
+        if spec.family == "mshp":
+            z = lat[1]
+            _export_onnx(_Hyper(model), torch.round(z), tmp / "hyper.onnx", "z_hat", ["scales", "means"], opset)
+            graphs["hyper"] = {"file": "hyper.onnx", "inputs": {"z_hat": list(z.shape[1:])},
+                               "outputs": {"scales": list(lat[0].shape[1:]), "means": list(lat[0].shape[1:])}}
+        logits = model.run_tail(lat[0])
+        _export_onnx(_Tail(model), lat[0], tmp / "tail.onnx", "y_hat", ["logits"], opset)
+        graphs["tail"] = {"file": "tail.onnx", "inputs": {"y_hat": list(lat[0].shape[1:])},
+                          "outputs": {"logits": list(logits.shape[1:])}}
+        np.savez_compressed(tmp / CODEC, **codec_arrays(model))
+
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": spec.family,
+            "model": spec.to_dict(),
+            "source": source,
+            "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW",
+                      "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "inside_head": True}},
+            "latents": {n: list(t.shape[1:]) for n, t in zip(names, lat)},
+            "graphs": graphs,
+            "opset": opset,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "platform": {"machine": platform.machine(), "system": platform.system(), "python": sys.version.split()[0]},
+        }
+        _write_manifest(tmp, manifest)
+
+        # golden: torch/compressai reference + the packets the runtime makes from the torch latents
+        from splitbits.export.torch_backend import TorchBackend
+        from splitbits.runtime.pipeline import EdgeEncoder
+
+        g = _golden(model, x, labels)
+        enc = EdgeEncoder(load_bundle(tmp), TorchBackend(model))
+        packets = [enc.encode(x[i]) for i in range(x.shape[0])]
+        g["packets"] = np.frombuffer(b"".join(packets), dtype=np.uint8)
+        g["packet_offsets"] = np.cumsum([0] + [len(p) for p in packets]).astype(np.int64)
+        np.savez_compressed(tmp / GOLDEN, **g)
+        manifest["golden"] = {"file": GOLDEN, "images": int(x.shape[0]), "coder": enc.coder.name}
+        _write_manifest(tmp, manifest)
+
+        report = verify_bundle(tmp, "onnxruntime", tol=tol, raise_on_fail=False)
+        manifest["verification"] = {"onnxruntime": report.to_dict()}
+        _write_manifest(tmp, manifest)
+        if not report.ok:
+            raise VerificationError("export verification failed (ONNX Runtime vs torch): " + "; ".join(report.problems))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, manifest, report, time.perf_counter() - t0)

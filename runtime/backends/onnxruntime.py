@@ -1,0 +1,62 @@
+"""ONNX Runtime backend (CPU everywhere; CUDA / TensorRT execution providers where present)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from splitbits.runtime.backends.base import Backend, Session
+from splitbits.runtime.errors import BackendError
+
+if TYPE_CHECKING:
+    from splitbits.runtime.bundle import Bundle
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class OrtSession(Session):
+    def __init__(self, sess) -> None:
+        self._sess = sess
+        self.input_names = [i.name for i in sess.get_inputs()]
+        self.output_names = [o.name for o in sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._sess.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs))
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, providers: list[str] | None = None, threads: int = 0) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("onnxruntime is not installed: pip install 'splitbits[runtime]'") from exc
+        self._ort = ort
+        available = ort.get_available_providers()
+        wanted = [PROVIDER_ALIASES.get(p, p) for p in (providers or ["cpu"])]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise BackendError(f"ONNX Runtime providers {missing} unavailable here (have {available})")
+        self.providers = wanted
+        self.threads = threads
+
+    def load(self, bundle: Bundle, graph: str) -> Session:
+        so = self._ort.SessionOptions()
+        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.log_severity_level = 3
+        try:
+            sess = self._ort.InferenceSession(str(bundle.graph(graph)), so, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types
+            raise BackendError(f"ONNX Runtime could not load {graph}: {exc}") from exc
+        return OrtSession(sess)
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "onnxruntime": self._ort.__version__, "providers": ",".join(self.providers)}

@@ -1,0 +1,292 @@
+"""Edge encoder and server decoder: image → packet → logits, with per-stage timings.
+
+Edge (DESIGN.md data flow)::
+
+    image ─► preprocess ─► head ─► y [, z]
+    FP:   s = round(y − median_c)
+    MSHP: sz = round(z − median_z); ẑ = sz + median_z; (scales, means) = hyper(ẑ); idx = index(scales)
+          s = round(y − means)
+    coder.encode(...) ─► packet
+
+Server: parse ─► decode (MSHP: z, hyper(ẑ) again, idx checked against the packet's CRC) ─► ŷ ─► tail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from splitbits.runtime import packet as pkt
+from splitbits.runtime.backends import Backend, Session, get_backend
+from splitbits.runtime.bundle import Bundle, load_bundle
+from splitbits.runtime.codec import CODERS, EntropyCoder, get_coder
+from splitbits.runtime.errors import IndexMismatchError, InputError
+from splitbits.runtime.quant import (
+    channel_index,
+    channel_means,
+    dequantize,
+    index_checksum,
+    quantize,
+    scale_indexes,
+)
+
+HyperFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class Timer:
+    """Accumulates wall time per named stage (milliseconds)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self._t) * 1e3
+        self._t = now
+
+
+def _as_bundle(bundle: Bundle | str | Path) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+
+
+def _as_backend(backend: Backend | str, **options: Any) -> Backend:
+    return backend if isinstance(backend, Backend) else get_backend(backend, **options)
+
+
+class FloatHyper:
+    """Hyper-synthesis on the inference backend (float; may differ by an ulp across devices)."""
+
+    flag = 0
+    name = "float"
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __call__(self, z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.session.run({"z_hat": z_hat})
+        return out["scales"], out["means"]
+
+
+def make_hyper(bundle: Bundle, backend: Backend, mode: str) -> FloatHyper:
+    """The hyper path by name: ``float`` (the backend's hyper graph)."""
+    if mode == "float":
+        return FloatHyper(backend.load(bundle, "hyper"))
+    raise ValueError(f"unknown hyper path {mode!r}; available: float")
+
+
+def preprocess(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 HWC / NHWC or float CHW / NCHW in [0, 1] → float32 NCHW; anything else is an InputError."""
+    if not isinstance(images, np.ndarray):
+        raise InputError(f"expected a numpy array, got {type(images).__name__}")
+    c, h, w = shape
+    x = images
+    if x.dtype == np.uint8:
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != (h, w, c):
+            raise InputError(f"uint8 images must be HxWx{c} = {h}x{w}x{c} (or NxHxWx{c}); got {images.shape}")
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+    if x.dtype in (np.float32, np.float64):
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != (c, h, w):
+            raise InputError(f"float images must be {c}x{h}x{w} (or Nx{c}x{h}x{w}) in [0, 1]; got {images.shape}")
+        if not np.isfinite(x).all():
+            raise InputError("image holds NaN or Inf")
+        if x.min() < 0.0 or x.max() > 1.0:
+            raise InputError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}]")
+        return np.ascontiguousarray(x, dtype=np.float32)
+    raise InputError(f"images must be uint8 (HWC) or float32 (CHW in [0, 1]); got dtype {x.dtype}")
+
+
+@dataclass
+class EncodeResult:
+    packet: bytes
+    symbols: dict[str, np.ndarray]
+    idx: np.ndarray | None
+    ideal_bits: dict[str, float]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return len(self.packet)
+
+
+class EdgeEncoder:
+    """Runs the head on the edge and turns its latents into packets."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "auto",
+                 coder: str | None = None, hyper: str | None = None, **backend_options: Any) -> None:
+        self.bundle = _as_bundle(bundle)
+        self.backend = _as_backend(backend, **backend_options)
+        self.coder: EntropyCoder = get_coder(coder)
+        self.head = self.backend.load(self.bundle, "head")
+        self.codec = self.bundle.codec
+        self.hyper = make_hyper(self.bundle, self.backend, hyper or "float") if self.bundle.family == "mshp" else None
+        self.last_timings: dict[str, float] = {}
+
+    @property
+    def family(self) -> str:
+        return self.bundle.family
+
+    def warmup(self) -> None:
+        self.coder.warmup()
+        self.analyze(np.zeros(self.bundle.input_shape, np.float32))
+
+    def encode(self, image: np.ndarray) -> bytes:
+        """One image (uint8 HWC or float CHW in [0,1]) → one packet."""
+        return self.analyze(image).packet
+
+    def encode_batch(self, images: np.ndarray) -> list[bytes]:
+        return [r.packet for r in self.analyze_batch(images)]
+
+    def analyze(self, image: np.ndarray) -> EncodeResult:
+        if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[0] != 1:
+            raise InputError("analyze() takes one image; use analyze_batch() for a batch")
+        return self.analyze_batch(image)[0]
+
+    def analyze_batch(self, images: np.ndarray) -> list[EncodeResult]:
+        """A batch through the head at once, then one packet per image (with everything measured)."""
+        t = Timer()
+        x = preprocess(images, self.bundle.input_shape)
+        t.lap("preprocess")
+        out = self.head.run({"x": x})
+        t.lap("head")
+        n = x.shape[0]
+        shared = {k: v / n for k, v in t.ms.items()}
+        return [self._encode_one(out["y"][i], out.get("z", [None] * n)[i], dict(shared)) for i in range(n)]
+
+    def _encode_one(self, y: np.ndarray, z: np.ndarray | None, timings: dict[str, float]) -> EncodeResult:
+        t = Timer()
+        c = self.codec
+        if self.family == "fp":
+            sy = quantize(y, channel_means(c.y_medians))
+            yidx = channel_index(sy.shape)
+            t.lap("quantize")
+            blobs = [self.coder.encode(sy, yidx, c.y_tables)]
+            t.lap("encode")
+            symbols, idx, flags, crc = {"y": sy}, None, 0, 0
+            ideal = {"y": c.y_tables.ideal_bits(sy, yidx)}
+            shapes = [sy.shape]
+        else:
+            assert z is not None and self.hyper is not None and c.z_tables is not None
+            zmeans = channel_means(c.z_medians)
+            sz = quantize(z, zmeans)
+            zidx = channel_index(sz.shape)
+            t.lap("quantize")
+            scales, means = self.hyper(dequantize(sz, zmeans)[None])
+            t.lap("hyper")
+            idx = scale_indexes(scales[0], c.scale_table, c.scale_bound)
+            sy = quantize(y, means[0])
+            crc = index_checksum(idx)
+            t.lap("quantize")
+            blobs = [self.coder.encode(sz, zidx, c.z_tables), self.coder.encode(sy, idx, c.y_tables)]
+            t.lap("encode")
+            symbols, flags = {"z": sz, "y": sy}, self.hyper.flag
+            ideal = {"z": c.z_tables.ideal_bits(sz, zidx), "y": c.y_tables.ideal_bits(sy, idx)}
+            shapes = [sz.shape, sy.shape]
+        packet = pkt.pack(pkt.Packet(self.family, self.coder.coder_id, self.bundle.fingerprint8,
+                                     [tuple(s) for s in shapes], blobs, crc, flags))
+        t.lap("packet")
+        timings.update(t.ms)
+        self.last_timings = timings
+        return EncodeResult(packet, symbols, idx, ideal, timings)
+
+
+@dataclass
+class DecodeResult:
+    logits: np.ndarray
+    y_hat: np.ndarray
+    symbols: dict[str, np.ndarray]
+    idx: np.ndarray | None
+    timings_ms: dict[str, float]
+
+
+class ServerDecoder:
+    """Parses packets (treating them as hostile), decodes the latent and runs the tail."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "auto",
+                 max_packet_bytes: int | None = None, **backend_options: Any) -> None:
+        self.bundle = _as_bundle(bundle)
+        self.backend = _as_backend(backend, **backend_options)
+        self.tail = self.backend.load(self.bundle, "tail")
+        self.codec = self.bundle.codec
+        self._hypers: dict[int, FloatHyper] = {}
+        names = ["z", "y"] if self.bundle.family == "mshp" else ["y"]
+        shapes = [self.bundle.latent_shape(k) for k in names]
+        total = sum(int(np.prod(s)) for s in shapes)
+        self.expect = pkt.Expect(
+            family=self.bundle.family,
+            fingerprint=self.bundle.fingerprint8,
+            shapes=shapes,
+            max_bytes=max_packet_bytes or (8 * total + 4096),
+            coder_ids=frozenset(cid for cid, _ in CODERS.values()),
+        )
+        self.last_timings: dict[str, float] = {}
+
+    def _hyper_for(self, flags: int) -> FloatHyper:
+        mode = "int" if flags & pkt.FLAG_INT_HYPER else "float"
+        key = flags & pkt.FLAG_INT_HYPER
+        if key not in self._hypers:
+            self._hypers[key] = make_hyper(self.bundle, self.backend, mode)
+        return self._hypers[key]
+
+    def warmup(self, packet: bytes | None = None) -> None:
+        for cid, _ in CODERS.values():
+            get_coder(cid).warmup()
+        if packet is not None:
+            self.decode(packet)
+
+    def decode(self, packet: bytes) -> np.ndarray:
+        """Packet → logits [num_classes]."""
+        return self.decode_full(packet).logits
+
+    def decode_latent(self, packet: bytes | memoryview, timer: Timer | None = None
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """Packet → (ŷ [C,H,W], symbols, idx) without running the tail."""
+        t = timer or Timer()
+        p = pkt.parse(packet, self.expect)
+        coder = get_coder(p.coder_id)
+        c = self.codec
+        t.lap("parse")
+        if p.family == "fp":
+            yshape = p.shapes[0]
+            sy = coder.decode(p.blobs[0], channel_index(yshape), c.y_tables).reshape(yshape)
+            t.lap("decode")
+            y_hat = dequantize(sy, channel_means(c.y_medians))
+            return y_hat, {"y": sy}, None
+        assert c.z_tables is not None
+        zshape, yshape = p.shapes
+        zidx = channel_index(zshape)
+        sz = coder.decode(p.blobs[0], zidx, c.z_tables).reshape(zshape)
+        t.lap("decode")
+        zmeans = channel_means(c.z_medians)
+        scales, means = self._hyper_for(p.flags)(dequantize(sz, zmeans)[None])
+        t.lap("hyper")
+        idx = scale_indexes(scales[0], c.scale_table, c.scale_bound)
+        if index_checksum(idx) != p.idx_crc:
+            raise IndexMismatchError(
+                "scale indexes recomputed here differ from the encoder's (hyper-synthesis mismatch "
+                "across devices); refusing to decode a corrupted tensor"
+            )
+        sy = coder.decode(p.blobs[1], idx, c.y_tables).reshape(yshape)
+        t.lap("decode")
+        return dequantize(sy, means[0]), {"z": sz, "y": sy}, idx
+
+    def decode_full(self, packet: bytes) -> DecodeResult:
+        t = Timer()
+        y_hat, symbols, idx = self.decode_latent(packet, t)
+        logits = self.tail.run({"y_hat": y_hat[None]})["logits"][0]
+        t.lap("tail")
+        self.last_timings = t.ms
+        return DecodeResult(logits, y_hat, symbols, idx, t.ms)
+
+    def decode_batch(self, packets: Sequence[bytes]) -> np.ndarray:
+        """Decode each packet, then run the tail once on the batch; raises on the first bad packet."""
+        y_hats = [self.decode_latent(p)[0] for p in packets]
+        return self.tail.run({"y_hat": np.stack(y_hats)})["logits"]
