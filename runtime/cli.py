@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "splitbits.trainer.cli",
     "splitbits.export.cli",
     "splitbits.runtime.commands",
+    "splitbits.runtime.bench_cli",
     "splitbits.attacks.cli",
     "splitbits.jetson.cli",
 )
@@ -46,6 +47,10 @@ def missing_extra(exc: ImportError, extra: str) -> CliError:
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the line breaks of command descriptions."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitbits",
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         for name, cmd in getattr(mod, "COMMANDS", {}).items():
             p = sub.add_parser(
                 name, help=cmd.help, description=cmd.description or cmd.help,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                formatter_class=_HelpFormatter,
             )
             cmd.add_arguments(p)
             p.set_defaults(_run=cmd.run)
