@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from splitbits.runtime.bundle import (
     CODEC,
     FORMAT,
@@ -35,7 +37,6 @@ from splitbits.runtime.bundle import (
 from splitbits.runtime.errors import VerificationError
 from splitbits.runtime.verify import GOLDEN, Tolerance, VerifyReport, verify_bundle
 from splitbits.trainer.models import ModelSpec, MSHPBottleneck, SplitClassifier
-from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,38 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory (checkpoints are cached here)")
+    p.add_argument("--family", choices=["mshp", "fp"], default="mshp", help="entropy model of the student")
+    p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation images only")
+    p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        from splitbits.export.demo import run_demo as demo
+    except ImportError as exc:
+        raise missing_extra(exc, "train") from exc
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
+             progress=not args.no_progress)
+    print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
+    return 0 if r else 1
+
+
 COMMANDS = {
+    "demo": Command(
+        "train, export, run and report on the builtin dataset (what `make demo` runs)",
+        add_demo_arguments, run_demo,
+        description="The whole pipeline on the builtin dataset: train the tiny teacher and split student "
+        "(reusing cached checkpoints whose config is unchanged), export a verified bundle, push every "
+        "validation image through edge encode -> packet -> server decode on ONNX Runtime, and write "
+        "report.json, report.md and plots (accuracy, bytes per image real vs estimated vs JPEG q75, "
+        "latency per stage).",
+    ),
     "export": Command(
         "export a checkpoint to a verified bundle (ONNX + entropy tables + golden I/O)",
         add_export_arguments, run_export,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from splitbits.runtime.backends.base import Backend, Session
 from splitbits.trainer.models import SplitClassifier
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from splitbits.runtime.codec.tables import CdfTables
 from splitbits.runtime.errors import BundleError
 

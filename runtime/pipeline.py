@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from splitbits.runtime import packet as pkt
 from splitbits.runtime.backends import Backend, Session, get_backend
 from splitbits.runtime.bundle import Bundle, load_bundle

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+
 from splitbits.runtime.errors import InputError
 
 _I32 = np.iinfo(np.int32)

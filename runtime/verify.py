@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from splitbits.runtime.backends import Backend, get_backend
 from splitbits.runtime.bundle import Bundle, load_bundle
 from splitbits.runtime.errors import BundleError, VerificationError

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+
 from splitbits.runtime.bundle import load_bundle
 from splitbits.runtime.errors import BundleError, VerificationError
 from splitbits.runtime.verify import verify_bundle

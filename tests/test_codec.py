@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from splitbits.runtime.codec import CODERS, CdfTables, get_coder
 from splitbits.runtime.codec.tables import zigzag_decode, zigzag_encode
 from splitbits.runtime.errors import BundleError, PacketError

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from splitbits.runtime import packet as pkt
 from splitbits.runtime.errors import PacketError, VersionError, WrongBundleError
 

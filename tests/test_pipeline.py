@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from splitbits.runtime.errors import IndexMismatchError, InputError, PacketError
 from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 from splitbits.runtime.verify import golden_packets, load_golden

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from splitbits.trainer.models import ModelSpec, SplitClassifier, build_model, load_sc2bench_checkpoint
 from torch import nn
+
+from splitbits.trainer.models import ModelSpec, SplitClassifier, build_model, load_sc2bench_checkpoint
 
 FORMAT = "splitbits-ckpt"
 VERSION = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from splitbits.runtime.backends.base import Backend, Session
 from splitbits.runtime.errors import BackendError
 

@@ -8,6 +8,7 @@ the index array, so one ``encode`` call per table used — no per-symbol Python.
 from __future__ import annotations
 
 import numpy as np
+
 from splitbits.runtime.codec.base import EntropyCoder
 from splitbits.runtime.codec.tables import (
     CdfTables,

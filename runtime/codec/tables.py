@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from splitbits.runtime.errors import BundleError, PacketError
 
 MAX_VARINT_BYTES = 10  # zigzag int64
