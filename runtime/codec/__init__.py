@@ -10,8 +10,9 @@ from splitbits.runtime.codec.tables import CdfTables
 # name -> (wire id, "module:Class")
 CODERS: dict[str, tuple[int, str]] = {
     "constriction": (1, "splitbits.runtime.codec.constriction_coder:ConstrictionCoder"),
+    "numba": (2, "splitbits.runtime.codec.numba_coder:NumbaCoder"),
 }
-DEFAULT_CODER = "constriction"
+DEFAULT_CODER = "numba"
 
 _instances: dict[str, EntropyCoder] = {}
 
@@ -24,7 +25,7 @@ def coder_name(coder_id: int) -> str:
 
 
 def get_coder(name: str | int | None = None) -> EntropyCoder:
-    """A coder by name (``constriction``, ...), wire id, or ``None`` for the default."""
+    """A coder by name (``numba``, ``constriction``), wire id, or ``None`` for the default."""
     if name is None:
         name = DEFAULT_CODER
     if isinstance(name, int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,6 +28,20 @@ class EntropyCoder(ABC):
 
     @abstractmethod
     def decode(self, blob: bytes | memoryview, index: np.ndarray, tables: CdfTables) -> np.ndarray: ...
+
+    def encode_batch(self, symbols: Sequence[np.ndarray], index: Sequence[np.ndarray],
+                     tables: CdfTables) -> list[bytes]:
+        """One blob per latent; coders override this to do the whole batch in one call."""
+        if len(symbols) != len(index):
+            raise ValueError("symbols and index lists differ in length")
+        return [self.encode(s, i, tables) for s, i in zip(symbols, index)]
+
+    def decode_batch(self, blobs: Sequence[bytes | memoryview], index: Sequence[np.ndarray],
+                     tables: CdfTables) -> list[np.ndarray]:
+        """The flat int32 symbols of each blob; coders override this to do the batch in one call."""
+        if len(blobs) != len(index):
+            raise ValueError("blobs and index lists differ in length")
+        return [self.decode(b, i, tables) for b, i in zip(blobs, index)]
 
     def warmup(self) -> None:  # noqa: B027 - optional hook, most coders need nothing
         """Compile or load whatever the first packet would otherwise wait for."""
