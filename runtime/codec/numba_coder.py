@@ -7,30 +7,33 @@ latents — per call with no per-symbol Python, and treat the decoder's input as
 ~100 lines of integer code; in Numba it runs at C speed with its compiled code cached on disk.
 
 Coder (Duda's rANS, in the style of Giesen's ``rans64``): state ``x`` in ``[L, L·2³²)`` with
-``L = 2³¹``, renormalised by one 32-bit word at most per symbol. (A 32-bit state with 16-bit words
-loses ~0.4 % to the ideal at 16-bit table precision, since ``x/freq`` gets small; this one loses
-nothing measurable.) Optionally ``K = 2**lanes_log2`` states are interleaved (symbol ``i`` uses
-state ``i mod K``) over one shared word stream, which gives the CPU independent dependency chains;
-measured on this project's latents it buys ~+20 % speed for ~6 bytes per extra state, so the
-default is one state per packet section (``LANE_POLICY``). Decoding uses a per-table slot→symbol
-lookup table (``2**precision`` entries per table, uint16), never a scan of the CDF.
+``L = 2²³``, renormalised by one 32-bit word at most per symbol. (A 32-bit state with 16-bit words loses
+~0.4 % to the ideal at 16-bit table precision, since ``x/freq`` gets small; here ``x/freq ≥ 2⁷``
+and the loss is not measurable, while the smaller ``L`` and a final state written in as few bytes
+as it needs keep the fixed cost of a section to ~5 bytes.) Optionally ``K = 2**lanes_log2`` states
+are interleaved (symbol ``i`` uses state ``i mod K``) over one shared word stream, which gives the
+CPU independent dependency chains; measured on this project's latents it buys ~+20 % speed for ~6
+bytes per extra state, so the default is one state per packet section (``LANE_POLICY``). Decoding
+uses a per-table slot→symbol lookup table (``2**precision`` entries per table, uint16), never a
+scan of the CDF.
 
 Blob layout (all little-endian)::
 
-    u8      lanes_log2 (0..5; the other bits must be 0)
-    varint  W = number of 32-bit words that follow (the K final states, low word first, then
-            the renormalisation words in decoding order)
-    W × u32 the rANS stream
-    ...     escapes: zigzag LEB128 of each escaped value (int32, ≤ 5 bytes), in symbol order
+    u8      bits 0-2: lanes_log2 (0..5); bits 3-5: nb − 3; bits 6-7: 0
+    nb B    final state of lane 0 (nb = 3..7 bytes, as few as it needs), then 7 bytes for each
+            further lane
+    u32 …   the renormalisation words, in decoding order (their count is implicit: the decoder
+            consumes exactly the words it needs)
+    …       escapes: zigzag LEB128 of each escaped value (int32, ≤ 5 bytes), in symbol order
 
 Escapes: a value outside table ``t``'s support codes table ``t``'s escape symbol and its exact
 value in the escape stream, so any int32 survives (``tables.py``).
 
-Hostile input: every read is bounds-checked explicitly (Numba does no bounds checking); reads
-past the end of the word stream are clamped to a padding word and make the blob invalid; the
+Hostile input: every read is bounds-checked explicitly (Numba does no bounds checking); a read
+past the end of the blob yields a zero word and leaves the blob invalid; the
 decoder runs exactly ``n`` iterations (``n`` comes from the bundle's shapes, never from the
-blob), then requires the stream consumed exactly, the states back at their initial value ``L``
-(rANS's built-in integrity check) and no trailing bytes. Anything else is a ``PacketError``.
+blob), then requires the states back at their initial value ``L`` (rANS's built-in integrity
+check), the escape stream complete and no trailing bytes. Anything else is a ``PacketError``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from splitbits.runtime.codec.base import EntropyCoder
 from splitbits.runtime.codec.tables import CdfTables
 from splitbits.runtime.errors import PacketError
 
-RANS_L = 1 << 31  # lower end of the state interval [L, L << 32)
+RANS_L_BITS = 23
+RANS_L = 1 << RANS_L_BITS  # lower end of the state interval [L, L << 32)
+STATE_BYTES = (RANS_L_BITS + 32 + 7) // 8  # bytes of a full final state
 MAX_LANES_LOG2 = 5
 # Interleaving by latent size, as (at least this many symbols, lanes_log2). Each extra state costs
 # ~6 bytes and one state already beats the speed targets (`splitbits bench codec --lanes 0 1 2`),
@@ -57,11 +62,11 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy", "boundscheck": Fal
 
 # decoder error codes -> messages
 _ERRORS = {
-    1: "bad header (lanes byte or word count)",
-    2: "word stream longer than the blob",
+    1: "bad header byte",
+    2: "blob shorter than its final states",
     3: "invalid initial rANS state",
     4: "table index out of range",
-    5: "corrupted rANS stream (not consumed exactly or final state wrong)",
+    5: "corrupted rANS stream (overrun, or the final state is wrong)",
     6: "escape stream truncated or over-long varint",
     7: "trailing bytes after the escape stream",
     8: "escape value outside int32",
@@ -90,15 +95,15 @@ _L = np.uint64(RANS_L)
 
 @njit(**_JIT)
 def _encode_one(sym, idx, start, n, k, fs, length, offset, prec, wbuf, ebuf, x):  # pragma: no cover
-    """rANS-encode ``sym[start:start+n]`` with ``2**k`` states into ``wbuf[p:top]`` (backwards).
+    """rANS-encode ``sym[start:start+n]`` with ``2**k`` states; words go to ``wbuf[p:n]`` (backwards).
 
-    Returns ``(p, n_esc, ok)``; escaped values land in ``ebuf[:n_esc]`` (last symbol first).
+    Returns ``(p, n_esc, ok)``; final states in ``x[:2**k]``; escaped values in ``ebuf[:n_esc]``
+    (last symbol first).
     """
     lanes = np.int64(1) << k
-    top = n + 2 * lanes
-    p = top
+    p = n
     n_esc = 0
-    xs = np.uint64(63 - prec)  # x_max = ((L >> prec) << 32) · freq = freq << (63 - prec)
+    xs = np.uint64(RANS_L_BITS + 32 - prec)  # x_max = ((L >> prec) << 32) · freq
     pr = np.uint64(prec)
     num_tables = length.size
     if k == 0:  # one state, kept in a register
@@ -147,10 +152,6 @@ def _encode_one(sym, idx, start, n, k, fs, length, offset, prec, wbuf, ebuf, x):
                 xj >>= _U32
             q = xj // f
             x[j] = (q << pr) + (xj - q * f) + (e & _M16)
-    for j in range(lanes - 1, -1, -1):
-        wbuf[p - 1] = x[j] >> _U32
-        wbuf[p - 2] = x[j] & _M32
-        p -= 2
     return p, n_esc, True
 
 
@@ -175,11 +176,11 @@ def _encode_kernel(sym, idx, offs, lanes_log2, fs, length, offset, prec):  # pra
     nmax = np.int64(0)
     for b in range(nb):
         n = offs[b + 1] - offs[b]
-        total += 1 + 5 + 4 * (n + 2 * (1 << lanes_log2[b])) + 5 * n
+        total += 1 + STATE_BYTES * (1 << lanes_log2[b]) + 4 * n + 5 * n
         nmax = max(nmax, n)
     out = np.empty(total, np.uint8)
     out_offs = np.zeros(nb + 1, np.int64)
-    wbuf = np.empty(nmax + 2 * (1 << MAX_LANES_LOG2), np.uint32)
+    wbuf = np.empty(max(nmax, 1), np.uint32)
     ebuf = np.empty(max(nmax, 1), np.int32)
     x = np.empty(1 << MAX_LANES_LOG2, np.uint64)
     o = np.int64(0)
@@ -189,10 +190,16 @@ def _encode_kernel(sym, idx, offs, lanes_log2, fs, length, offset, prec):  # pra
         p, n_esc, ok = _encode_one(sym, idx, offs[b], n, k, fs, length, offset, prec, wbuf, ebuf, x)
         if not ok:
             return out, out_offs, np.int64(b + 1)
-        top = n + 2 * (np.int64(1) << k)
-        out[o] = k
-        o = _put_varint(out, o + 1, top - p)
-        for w in range(p, top):
+        nb0 = 3
+        while nb0 < STATE_BYTES and (x[0] >> np.uint64(8 * nb0)) != 0:
+            nb0 += 1
+        out[o] = k | ((nb0 - 3) << 3)
+        o += 1
+        for j in range(np.int64(1) << k):
+            for q in range(nb0 if j == 0 else STATE_BYTES):
+                out[o] = (x[j] >> np.uint64(8 * q)) & np.uint64(0xFF)
+                o += 1
+        for w in range(p, n):
             word = np.int64(wbuf[w])
             out[o] = word & 0xFF
             out[o + 1] = (word >> 8) & 0xFF
@@ -230,32 +237,34 @@ def _read_varint(buf, pos, end):  # pragma: no cover - jitted
 
 
 @njit(**_JIT)
-def _decode_one(buf, wstart, wend, idx, start, n, k, fs, slots, length, offset, prec, out, esc_pos, x):
-    """rANS-decode ``n`` symbols from the words in ``buf[wstart:wend]``; returns (n_esc, error code)."""
+def _read_word(buf, pos, end):  # pragma: no cover - jitted
+    """The u32 at ``pos``, or 0 past ``end`` (a hostile stream; caught once decoding ends)."""
+    if pos + 4 <= end:
+        return _read_u32(buf, pos)
+    return np.uint64(0)
+
+
+@njit(**_JIT)
+def _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec, out, esc_pos, x):
+    """rANS-decode ``n`` symbols from the words at ``buf[pos:end]``; returns (n_esc, end of words, error)."""
     lanes = np.int64(1) << k
-    for j in range(lanes):
-        xj = _read_u32(buf, wstart + 8 * j) | (_read_u32(buf, wstart + 8 * j + 4) << _U32)
-        if xj < _L or xj >= (_L << _U32):
-            return 0, 3
-        x[j] = xj
-    mask = np.uint64((1 << prec) - 1)
     pr = np.uint64(prec)
+    mask = np.uint64((1 << prec) - 1)
     num_tables = length.size
-    wp = wstart + 8 * lanes  # next word
-    last = wend - 4  # reads past the stream re-read the last word; caught by the checks below
+    wp = pos  # next word
     n_esc = 0
     if k == 0:
         x0 = x[0]
         for i in range(n):
             t = np.int64(idx[start + i])
             if t < 0 or t >= num_tables:
-                return n_esc, 4
+                return n_esc, wp, 4
             slot = x0 & mask
             v = np.int64(slots[t, slot])
             e = np.uint64(fs[t, v])
             x0 = (e >> _U16) * (x0 >> pr) + slot - (e & _M16)
             if x0 < _L:
-                x0 = (x0 << _U32) | _read_u32(buf, min(wp, last))
+                x0 = (x0 << _U32) | _read_word(buf, wp, end)
                 wp += 4
             out[start + i] = v + offset[t]
             if v == length[t] - 2:
@@ -266,7 +275,7 @@ def _decode_one(buf, wstart, wend, idx, start, n, k, fs, slots, length, offset, 
         for i in range(n):
             t = np.int64(idx[start + i])
             if t < 0 or t >= num_tables:
-                return n_esc, 4
+                return n_esc, wp, 4
             j = i & (lanes - 1)
             xj = x[j]
             slot = xj & mask
@@ -274,19 +283,19 @@ def _decode_one(buf, wstart, wend, idx, start, n, k, fs, slots, length, offset, 
             e = np.uint64(fs[t, v])
             xj = (e >> _U16) * (xj >> pr) + slot - (e & _M16)
             if xj < _L:
-                xj = (xj << _U32) | _read_u32(buf, min(wp, last))
+                xj = (xj << _U32) | _read_word(buf, wp, end)
                 wp += 4
             x[j] = xj
             out[start + i] = v + offset[t]
             if v == length[t] - 2:
                 esc_pos[n_esc] = start + i
                 n_esc += 1
-    if wp != wend:
-        return n_esc, 5
+    if wp > end:
+        return n_esc, wp, 5
     for j in range(lanes):
         if x[j] != _L:
-            return n_esc, 5
-    return n_esc, 0
+            return n_esc, wp, 5
+    return n_esc, wp, 0
 
 
 @njit(**_JIT)
@@ -308,24 +317,39 @@ def _decode_kernel(buf, boffs, idx, offs, fs, slots, length, offset, prec):  # p
         n = offs[b + 1] - start
         pos = boffs[b]
         end = boffs[b + 1]
-        if pos >= end or buf[pos] > MAX_LANES_LOG2:
+        # -- header and initial states
+        if pos >= end:
             errs[b] = 1
             continue
-        k = np.int64(buf[pos])
-        nwords, pos, ok = _read_varint(buf, pos + 1, end)
-        if not ok or nwords < 2 * (np.int64(1) << k):
+        k = np.int64(buf[pos]) & 7
+        nb0 = ((np.int64(buf[pos]) >> 3) & 7) + 3
+        if k > MAX_LANES_LOG2 or nb0 > STATE_BYTES or buf[pos] >= 64:
             errs[b] = 1
             continue
-        if nwords > (end - pos) // 4:
+        pos += 1
+        lanes = np.int64(1) << k
+        if nb0 + STATE_BYTES * (lanes - 1) > end - pos:
             errs[b] = 2
             continue
-        wend = pos + 4 * nwords
-        n_esc, err = _decode_one(buf, pos, wend, idx, start, n, k, fs, slots, length, offset, prec, out,
-                                 esc_pos, x)
+        bad = False
+        for j in range(lanes):
+            xj = np.uint64(0)
+            for q in range(nb0 if j == 0 else STATE_BYTES):
+                xj |= np.uint64(buf[pos]) << np.uint64(8 * q)
+                pos += 1
+            if xj < _L or xj >= (_L << _U32):
+                bad = True
+            x[j] = xj
+        if bad:
+            errs[b] = 3
+            continue
+        # -- symbols
+        n_esc, pos, err = _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec, out,
+                                      esc_pos, x)
         if err:
             errs[b] = err
             continue
-        pos = wend
+        # -- escapes
         for q in range(n_esc):
             u, pos, ok = _read_varint(buf, pos, end)
             if not ok:
