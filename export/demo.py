@@ -50,15 +50,15 @@ def _reusable(ckpt: Path, config: dict[str, Any], ignore: tuple[str, ...] = ()) 
     return [d for d in config_diff(ck.get("config", {}), config) if d not in ignore] == []
 
 
-def train_models(out: Path, family: str, fresh: bool, progress: bool,
-                 overrides: tuple[str, ...] = ()) -> tuple[Path, Path, dict[str, Any]]:
+def train_models(out: Path, family: str, fresh: bool, progress: bool, teacher_overrides: tuple[str, ...] = (),
+                 student_overrides: tuple[str, ...] = ()) -> tuple[Path, Path, dict[str, Any]]:
     """Teacher and student checkpoints in ``out`` (trained or reused); returns their paths and info."""
     from splitbits.trainer.checkpoint import read_checkpoint
     from splitbits.trainer.config import load_config
     from splitbits.trainer.train import train_student, train_teacher
 
     info: dict[str, Any] = {}
-    tcfg = load_config("tiny_teacher")
+    tcfg = load_config("tiny_teacher", teacher_overrides)
     teacher = out / "teacher.pt"
     trained_teacher = False
     if fresh or not _reusable(teacher, tcfg):
@@ -69,7 +69,7 @@ def train_models(out: Path, family: str, fresh: bool, progress: bool,
         trained_teacher = True
     else:
         log.info("reusing %s", teacher)
-    scfg = load_config(f"tiny_{family}", overrides)
+    scfg = load_config(f"tiny_{family}", student_overrides)
     scfg["student"]["teacher"] = str(teacher)
     student = out / f"student_{family}.pt"
     if fresh or trained_teacher or not _reusable(student, scfg, ignore=("student.teacher",)):
@@ -200,13 +200,15 @@ def _plots(out: Path, r: dict[str, Any], acc: dict[str, float]) -> dict[str, str
 
 
 def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = False, limit: int | None = None,
-             attacks: bool = True, progress: bool = True) -> dict[str, Any]:
+             attacks: bool = True, progress: bool = True, teacher_overrides: tuple[str, ...] = (),
+             student_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The whole demo; returns the report dict (also written to ``out/report.json``)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    teacher_ckpt, student_ckpt, train_info = train_models(out, family, fresh, progress)
+    teacher_ckpt, student_ckpt, train_info = train_models(out, family, fresh, progress, tuple(teacher_overrides),
+                                                          tuple(student_overrides))
 
     from splitbits.export.bundle import export_bundle
     from splitbits.trainer.checkpoint import load_model
