@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "splitbits.trainer.cli",
     "splitbits.export.cli",
     "splitbits.runtime.commands",
+    "splitbits.runtime.link_cli",
     "splitbits.runtime.bench_cli",
     "splitbits.attacks.cli",
     "splitbits.jetson.cli",
