@@ -55,8 +55,8 @@ def _as_bundle(bundle: Bundle | str | Path) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
 
 
-def _as_backend(backend: Backend | str, **options: Any) -> Backend:
-    return backend if isinstance(backend, Backend) else get_backend(backend, **options)
+def _as_backend(backend: Backend | str, bundle: Bundle | None = None, **options: Any) -> Backend:
+    return backend if isinstance(backend, Backend) else get_backend(backend, bundle=bundle, **options)
 
 
 class FloatHyper:
@@ -124,7 +124,7 @@ class EdgeEncoder:
     def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "auto",
                  coder: str | None = None, hyper: str | None = None, **backend_options: Any) -> None:
         self.bundle = _as_bundle(bundle)
-        self.backend = _as_backend(backend, **backend_options)
+        self.backend = _as_backend(backend, self.bundle, **backend_options)
         self.coder: EntropyCoder = get_coder(coder)
         self.head = self.backend.load(self.bundle, "head")
         self.codec = self.bundle.codec
@@ -214,7 +214,7 @@ class ServerDecoder:
     def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "auto",
                  max_packet_bytes: int | None = None, **backend_options: Any) -> None:
         self.bundle = _as_bundle(bundle)
-        self.backend = _as_backend(backend, **backend_options)
+        self.backend = _as_backend(backend, self.bundle, **backend_options)
         self.tail = self.backend.load(self.bundle, "tail")
         self.codec = self.bundle.codec
         self._hypers: dict[int, FloatHyper] = {}

@@ -10,6 +10,10 @@ Checks, stage by stage so one error does not hide behind another:
 * golden packets decode to exactly the golden symbols, and the end-to-end pipeline on this backend
   gives the golden top-1.
 
+With ``exact_symbols=False`` (INT8 engines: quantised activations move symbols by design) symbol
+and index differences are counted in ``symbol_mismatches`` instead of failing, and the end-to-end
+top-1 must agree on at least ``min_top1`` of the golden images. They are reported, never hidden.
+
 A failure raises ``VerificationError`` naming the tensor and the error.
 """
 
@@ -45,6 +49,9 @@ class VerifyReport:
     packets_ok: int = 0
     ok: bool = True
     problems: list[str] = field(default_factory=list)
+    exact_symbols: bool = True
+    symbol_mismatches: dict[str, int] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,21 +103,29 @@ class _Checker:
         bad, ties = _ties(ref_float, ref, got, err)
         self.report.symbol_ties[name] = ties
         if bad > ties:
-            self.report.problems.append(f"{name}: {bad - ties} integer symbols differ from golden (not ties)")
+            self.mismatch(name, bad - ties, f"{name}: {bad - ties} integer symbols differ from golden (not ties)")
+
+    def mismatch(self, name: str, count: int, message: str) -> None:
+        if self.report.exact_symbols:
+            self.report.problems.append(message)
+        else:
+            self.report.symbol_mismatches[name] = count
 
 
 def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", *,
                   coder: str | None = None, tol: Tolerance | None = None, raise_on_fail: bool = True,
-                  **backend_options: Any) -> VerifyReport:
+                  exact_symbols: bool = True, min_top1: float = 0.5, **backend_options: Any) -> VerifyReport:
     """Run ``backend`` on the golden inputs and compare everything (see module docstring)."""
     from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    be = backend if isinstance(backend, Backend) else get_backend(backend, **backend_options)
+    be = backend if isinstance(backend, Backend) else get_backend(backend, bundle=bundle, **backend_options)
     g = load_golden(bundle)
     x = g["x"]
-    report = VerifyReport(backend=be.name, images=int(x.shape[0]))
-    chk = _Checker(report, tol or Tolerance())
+    tol = tol or Tolerance()
+    report = VerifyReport(backend=be.name, images=int(x.shape[0]), exact_symbols=exact_symbols,
+                          tolerance={"atol": tol.atol, "rtol": tol.rtol})
+    chk = _Checker(report, tol)
     c = bundle.codec
 
     head = be.load(bundle, "head").run({"x": x})
@@ -133,7 +148,8 @@ def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxrun
             near = np.min(np.abs(gs[:, None] - c.scale_table[None, :-1]), axis=1) <= 2 * es + 1e-6
             report.symbol_ties["idx"] = int(near.sum())
             if not near.all():
-                report.problems.append(f"idx: {int((~near).sum())} scale indexes differ from golden (not ties)")
+                chk.mismatch("idx", int((~near).sum()),
+                             f"idx: {int((~near).sum())} scale indexes differ from golden (not ties)")
         chk.symbols("y_symbols", g["y"] - g["means"], g["y_symbols"], quantize(head["y"], g["means"]),
                     max(ey, em))
     tail = be.load(bundle, "tail").run({"y_hat": g["y_hat"]})
@@ -159,8 +175,12 @@ def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxrun
     for i in range(x.shape[0]):
         logits = dec.decode(enc.encode(x[i]))
         report.top1_agree += int(logits.argmax() == ref_top1[i])
-    if report.top1_agree < x.shape[0] and not any_tie:
-        report.problems.append(f"top-1 agrees on {report.top1_agree}/{x.shape[0]} golden images")
+    if exact_symbols:
+        if report.top1_agree < x.shape[0] and not any_tie:
+            report.problems.append(f"top-1 agrees on {report.top1_agree}/{x.shape[0]} golden images")
+    elif report.top1_agree < min_top1 * x.shape[0]:
+        report.problems.append(f"top-1 agrees on {report.top1_agree}/{x.shape[0]} golden images "
+                               f"(below {min_top1:.0%})")
 
     report.ok = not report.problems
     if raise_on_fail and not report.ok:

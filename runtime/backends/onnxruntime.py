@@ -54,10 +54,39 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
         try:
-            sess = self._ort.InferenceSession(str(bundle.graph(graph)), so, providers=self.providers)
+            sess = self._ort.InferenceSession(str(bundle.graph(graph)), so, providers=self._providers_for(bundle))
         except Exception as exc:  # ORT raises its own exception types
             raise BackendError(f"ONNX Runtime could not load {graph}: {exc}") from exc
         return OrtSession(sess)
 
+    def _providers_for(self, bundle: Bundle) -> list:
+        """Providers (names or ``(name, options)``) for a session of ``bundle``."""
+        return list(self.providers)
+
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "onnxruntime": self._ort.__version__, "providers": ",".join(self.providers)}
+
+
+class OrtCudaBackend(OrtBackend):
+    """ONNX Runtime on the CUDA execution provider (CPU for what CUDA lacks)."""
+
+    name = "onnxruntime-cuda"
+
+    def __init__(self, threads: int = 0) -> None:
+        super().__init__(providers=["cuda", "cpu"], threads=threads)
+
+
+class OrtTrtBackend(OrtBackend):
+    """ONNX Runtime on its TensorRT execution provider (FP32; engines cached in the bundle's
+    ``engines/ort-trt-cache``), with CUDA and CPU behind it for unsupported nodes."""
+
+    name = "onnxruntime-trt"
+
+    def __init__(self, threads: int = 0) -> None:
+        super().__init__(providers=["tensorrt", "cuda", "cpu"], threads=threads)
+
+    def _providers_for(self, bundle: Bundle) -> list:
+        cache = bundle.path / "engines" / "ort-trt-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": False}
+        return [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
