@@ -10,8 +10,8 @@ from splitbits.runtime.cli import CliError, Command, missing_extra
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="a splitbits or sc2bench checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("source", help="a splitbits or sc2bench checkpoint (.pt), or a bundle directory with --trt")
+    p.add_argument("--out", help="bundle directory to write (checkpoint source)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--dataset", default="builtin",
                    help="where the golden inputs come from (builtin, imagefolder:PATH, ...)")
@@ -23,9 +23,84 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", choices=["fp", "mshp"])
     g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--input-size", type=int, default=224)
+    t = p.add_argument_group("TensorRT engines (source is a bundle directory; run on the target device)")
+    t.add_argument("--trt", action="store_true", help="build head/hyper/tail engines for this GPU into the bundle")
+    t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="engine precision; GDN and entropy-model inputs stay FP32, hyper is always FP32")
+    t.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
+    t.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
+    t.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")
+    t.add_argument("--graphs", default=None, help="comma-separated subset of head,hyper,tail")
+    typing = t.add_mutually_exclusive_group()
+    typing.add_argument("--strongly-typed", dest="strongly_typed", action="store_true", default=None,
+                        help="precision from the ONNX types (mixed FP16 ONNX); the only mode of TensorRT 11")
+    typing.add_argument("--weakly-typed", dest="strongly_typed", action="store_false",
+                        help="builder flags + per-layer FP32 pins (TensorRT 10)")
+    t.add_argument("--calib", type=int, default=64, help="INT8: calibration images from --dataset")
+    t.add_argument("--calib-split", default="train", help="INT8: dataset split for calibration")
+    t.add_argument("--calib-inputs", metavar="FILE.npz", help="INT8: calibration images from a file instead")
+    t.add_argument("--onnx-only", action="store_true",
+                   help="no TensorRT: prepare the ONNX (mixed FP16 / Q/DQ) and check it with ONNX Runtime")
+    t.add_argument("--atol", type=float, default=None, help="override the verification atol of this precision")
+    t.add_argument("--rtol", type=float, default=None, help="override the verification rtol of this precision")
+
+
+def _is_bundle_dir(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def run_export_trt(args: argparse.Namespace) -> int:
+    """``splitbits export BUNDLE --trt``: engines for this device (or the ONNX side only)."""
+    try:
+        from splitbits.export.tensorrt import TOLERANCES, TrtBuildOptions, build_engines
+        from splitbits.runtime.verify import Tolerance
+    except ImportError as exc:
+        raise missing_extra(exc, "jetson") from exc
+    tol = None
+    if args.atol is not None or args.rtol is not None:
+        base = TOLERANCES[args.precision]
+        tol = Tolerance(atol=base.atol if args.atol is None else args.atol,
+                        rtol=base.rtol if args.rtol is None else args.rtol)
+    try:
+        opts = TrtBuildOptions(
+            precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch,
+            workspace_mib=args.workspace_mib, graphs=args.graphs.split(",") if args.graphs else None,
+            strongly_typed=args.strongly_typed, onnx_only=args.onnx_only, dataset=args.dataset,
+            calib_count=args.calib, calib_split=args.calib_split, calib_inputs=args.calib_inputs, tol=tol)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    res = build_engines(args.source, opts)
+    v = res.verification or {}
+    for gb in res.graphs:
+        what = gb.engine or gb.onnx
+        print(f"{gb.graph:5s} {gb.precision} ({gb.typing} typing) {what}  FP32 nodes {gb.plan['fp32_nodes']}"
+              + (f", pinned layers {gb.pinned_layers}" if gb.engine else "")
+              + (f", Q/DQ nodes {len(gb.quantisation['quantised_nodes'])}" if gb.quantisation else ""))
+    where = f"TensorRT {res.tensorrt} on {res.device}" if res.mode == "tensorrt" else "ONNX Runtime CPU (prepared ONNX)"
+    print(f"verification on {where}: {'OK' if res.ok else 'FAILED'}  top-1 {v.get('top1_agree')}/{v.get('images')}  "
+          "max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.get("max_abs_err", {}).items()))
+    if v.get("symbol_mismatches"):
+        print("symbols differing from golden (reported, INT8): "
+              + ", ".join(f"{k}={n}" for k, n in v["symbol_mismatches"].items()))
+    for problem in v.get("problems", []):
+        print(f"  mismatch: {problem}")
+    if args.json:
+        from splitbits.runtime.report import write_json
+
+        write_json(args.json, res.to_dict())
+    return 0 if res.ok else 1
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if _is_bundle_dir(args.source):
+        if not args.trt:
+            raise CliError(f"{args.source} is a bundle: add --trt to build TensorRT engines for it")
+        return run_export_trt(args)
+    if args.trt or args.onnx_only:
+        raise CliError("--trt needs a bundle directory as source "
+                       "(export the checkpoint first, then run --trt on the device)")
+    if not args.out:
+        raise CliError("--out is required when exporting a checkpoint")
     try:
         from splitbits.export.bundle import export_bundle
         from splitbits.trainer.checkpoint import load_model
@@ -75,6 +150,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation images only")
     p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the tiny_teacher config (repeatable), e.g. train.epochs=5")
+    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the tiny_<family> student config, e.g. student.beta=0.32")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -85,7 +164,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1")
     r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
-             progress=not args.no_progress)
+             progress=not args.no_progress, teacher_overrides=tuple(args.teacher_set),
+             student_overrides=tuple(args.student_set))
     print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
     return 0 if r else 1
 
@@ -101,11 +181,16 @@ COMMANDS = {
         "latency per stage).",
     ),
     "export": Command(
-        "export a checkpoint to a verified bundle (ONNX + entropy tables + golden I/O)",
+        "export a checkpoint to a verified bundle, or build TensorRT engines for a bundle (--trt)",
         add_export_arguments, run_export,
         description="Export a split student to a bundle directory: head/hyper/tail ONNX graphs, codec.npz, "
         "manifest.json with sha256 of every file, and golden/ reference I/O. The export verifies "
         "itself with ONNX Runtime (tensors within tolerance, identical integer symbols) and fails "
-        "naming the tensor on a mismatch.",
+        "naming the tensor on a mismatch.\n\n"
+        "With a bundle directory as source and --trt, build TensorRT engines for this GPU (run it on the "
+        "Jetson itself): `splitbits export BUNDLE --trt --precision fp16`. GDN layers and everything "
+        "feeding the entropy model stay FP32, hyper is always FP32, INT8 uses explicit Q/DQ calibrated on "
+        "--dataset. Engines are verified against golden/ and listed in the manifest. Where TensorRT is "
+        "missing, --onnx-only prepares the same ONNX and checks it with ONNX Runtime.",
     ),
 }
