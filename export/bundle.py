@@ -167,6 +167,22 @@ def _golden(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None) ->
     return g
 
 
+@torch.no_grad()
+def _golden_packet_arrays(model: SplitClassifier, enc, results) -> dict[str, np.ndarray]:
+    """What the runtime coded into the golden packets (symbols, and for MSHP idx, means, logits)."""
+    from splitbits.runtime.pipeline import hyper_index_means
+    from splitbits.runtime.quant import dequantize
+
+    g = {f"packet_{k}_symbols": np.stack([r.symbols[k] for r in results]) for k in results[0].symbols}
+    if enc.hyper is not None:
+        means = np.stack([hyper_index_means(enc.hyper, r.symbols["z"], enc.codec)[1] for r in results])
+        g["packet_idx"] = np.stack([r.idx for r in results])
+        g["packet_means"] = means
+        y_hat = dequantize(g["packet_y_symbols"], means)
+        g["logits_packet"] = model.run_tail(torch.from_numpy(y_hat)).numpy()
+    return g
+
+
 def _golden_images(dataset: str, spec: ModelSpec, count: int) -> tuple[np.ndarray, np.ndarray]:
     from splitbits.runtime.datasets import open_dataset
 
@@ -246,7 +262,12 @@ def export_bundle(
         _export_onnx(_Tail(model), lat[0], tmp / "tail.onnx", "y_hat", ["logits"], opset)
         graphs["tail"] = {"file": "tail.onnx", "inputs": {"y_hat": list(lat[0].shape[1:])},
                           "outputs": {"logits": list(logits.shape[1:])}}
-        np.savez_compressed(tmp / CODEC, **codec_arrays(model))
+        codec = codec_arrays(model)
+        np.savez_compressed(tmp / CODEC, **codec)
+        if spec.family == "mshp":  # the deterministic integer hyper path (splitbits.runtime.hyper_int)
+            from splitbits.export.hyper_int import write_hyper_int
+
+            write_hyper_int(model, tmp, codec, tuple(lat[1].shape[1:]))
 
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -271,11 +292,14 @@ def export_bundle(
 
         g = _golden(model, x, labels)
         enc = EdgeEncoder(load_bundle(tmp), TorchBackend(model))
-        packets = [enc.encode(x[i]) for i in range(x.shape[0])]
+        results = [enc.analyze(x[i]) for i in range(x.shape[0])]
+        packets = [r.packet for r in results]
+        g.update(_golden_packet_arrays(model, enc, results))
         g["packets"] = np.frombuffer(b"".join(packets), dtype=np.uint8)
         g["packet_offsets"] = np.cumsum([0] + [len(p) for p in packets]).astype(np.int64)
         np.savez_compressed(tmp / GOLDEN, **g)
-        manifest["golden"] = {"file": GOLDEN, "images": int(x.shape[0]), "coder": enc.coder.name}
+        manifest["golden"] = {"file": GOLDEN, "images": int(x.shape[0]), "coder": enc.coder.name,
+                              "hyper": enc.hyper.name if enc.hyper is not None else None}
         _write_manifest(tmp, manifest)
 
         report = verify_bundle(tmp, "onnxruntime", tol=tol, raise_on_fail=False)

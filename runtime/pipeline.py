@@ -9,6 +9,11 @@ Edge (DESIGN.md data flow)::
     coder.encode(...) ─► packet
 
 Server: parse ─► decode (MSHP: z, hyper(ẑ) again, idx checked against the packet's CRC) ─► ŷ ─► tail.
+
+MSHP hyper paths: ``int`` (``splitbits.runtime.hyper_int``: integer arithmetic from the ẑ symbols,
+bit-exact on every platform; the default where the bundle has ``hyper_int.npz``, flagged in the
+packet) or ``float`` (the backend's ``hyper.onnx``; may differ by an ulp across devices, which the
+idx checksum turns into an ``IndexMismatchError``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from splitbits.runtime import packet as pkt
 from splitbits.runtime.backends import Backend, Session, get_backend
 from splitbits.runtime.bundle import Bundle, load_bundle
 from splitbits.runtime.codec import CODERS, EntropyCoder, get_coder
-from splitbits.runtime.errors import IndexMismatchError, InputError
+from splitbits.runtime.errors import BundleError, IndexMismatchError, InputError
+from splitbits.runtime.hyper_int import IntHyperParams
 from splitbits.runtime.quant import (
     channel_index,
     channel_means,
@@ -73,11 +79,51 @@ class FloatHyper:
         return out["scales"], out["means"]
 
 
-def make_hyper(bundle: Bundle, backend: Backend, mode: str) -> FloatHyper:
-    """The hyper path by name: ``float`` (the backend's hyper graph)."""
+class IntHyper:
+    """Integer hyper-synthesis from the ẑ symbols (``hyper_int.npz``): identical on every device."""
+
+    flag = pkt.FLAG_INT_HYPER
+    name = "int"
+
+    def __init__(self, params: IntHyperParams) -> None:
+        self.params = params
+
+    def index_means(self, z_symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.params.index_means(z_symbols)
+
+
+HYPER_INT_FILE = "hyper_int.npz"
+
+
+def has_int_hyper(bundle: Bundle) -> bool:
+    return HYPER_INT_FILE in bundle.manifest.get("files", {})
+
+
+def make_hyper(bundle: Bundle, backend: Backend, mode: str = "auto") -> FloatHyper | IntHyper:
+    """The hyper path by name: ``int``, ``float`` or ``auto`` (``int`` where the bundle has it)."""
+    if mode == "auto":
+        mode = "int" if has_int_hyper(bundle) else "float"
     if mode == "float":
         return FloatHyper(backend.load(bundle, "hyper"))
-    raise ValueError(f"unknown hyper path {mode!r}; available: float")
+    if mode == "int":
+        if not has_int_hyper(bundle):
+            raise BundleError(f"bundle {bundle.path} has no {HYPER_INT_FILE} (re-export it, or use hyper='float')")
+        params = IntHyperParams.load(bundle.file(HYPER_INT_FILE))
+        if params.in_shape != bundle.latent_shape("z") or params.out_shape != bundle.latent_shape("y"):
+            raise BundleError(f"{bundle.path}: {HYPER_INT_FILE} does not match the latent shapes")
+        if params.num_tables != bundle.codec.y_tables.num_tables:
+            raise BundleError(f"{bundle.path}: {HYPER_INT_FILE} thresholds do not match the scale table")
+        return IntHyper(params)
+    raise ValueError(f"unknown hyper path {mode!r}; available: auto, int, float")
+
+
+def hyper_index_means(hyper: FloatHyper | IntHyper, z_symbols: np.ndarray, codec: Any
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, means) of one image's ẑ symbols [Cz, Hz, Wz] on either hyper path."""
+    if isinstance(hyper, IntHyper):
+        return hyper.index_means(z_symbols)
+    scales, means = hyper(dequantize(z_symbols, channel_means(codec.z_medians))[None])
+    return scale_indexes(scales[0], codec.scale_table, codec.scale_bound), means[0]
 
 
 def preprocess(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -128,7 +174,7 @@ class EdgeEncoder:
         self.coder: EntropyCoder = get_coder(coder)
         self.head = self.backend.load(self.bundle, "head")
         self.codec = self.bundle.codec
-        self.hyper = make_hyper(self.bundle, self.backend, hyper or "float") if self.bundle.family == "mshp" else None
+        self.hyper = make_hyper(self.bundle, self.backend, hyper or "auto") if self.bundle.family == "mshp" else None
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -180,10 +226,9 @@ class EdgeEncoder:
             sz = quantize(z, zmeans)
             zidx = channel_index(sz.shape)
             t.lap("quantize")
-            scales, means = self.hyper(dequantize(sz, zmeans)[None])
+            idx, means = hyper_index_means(self.hyper, sz, c)
             t.lap("hyper")
-            idx = scale_indexes(scales[0], c.scale_table, c.scale_bound)
-            sy = quantize(y, means[0])
+            sy = quantize(y, means)
             crc = index_checksum(idx)
             t.lap("quantize")
             blobs = [self.coder.encode(sz, zidx, c.z_tables), self.coder.encode(sy, idx, c.y_tables)]
@@ -217,7 +262,7 @@ class ServerDecoder:
         self.backend = _as_backend(backend, self.bundle, **backend_options)
         self.tail = self.backend.load(self.bundle, "tail")
         self.codec = self.bundle.codec
-        self._hypers: dict[int, FloatHyper] = {}
+        self._hypers: dict[int, FloatHyper | IntHyper] = {}
         names = ["z", "y"] if self.bundle.family == "mshp" else ["y"]
         shapes = [self.bundle.latent_shape(k) for k in names]
         total = sum(int(np.prod(s)) for s in shapes)
@@ -230,7 +275,7 @@ class ServerDecoder:
         )
         self.last_timings: dict[str, float] = {}
 
-    def _hyper_for(self, flags: int) -> FloatHyper:
+    def _hyper_for(self, flags: int) -> FloatHyper | IntHyper:
         mode = "int" if flags & pkt.FLAG_INT_HYPER else "float"
         key = flags & pkt.FLAG_INT_HYPER
         if key not in self._hypers:
@@ -266,10 +311,8 @@ class ServerDecoder:
         zidx = channel_index(zshape)
         sz = coder.decode(p.blobs[0], zidx, c.z_tables).reshape(zshape)
         t.lap("decode")
-        zmeans = channel_means(c.z_medians)
-        scales, means = self._hyper_for(p.flags)(dequantize(sz, zmeans)[None])
+        idx, means = hyper_index_means(self._hyper_for(p.flags), sz, c)
         t.lap("hyper")
-        idx = scale_indexes(scales[0], c.scale_table, c.scale_bound)
         if index_checksum(idx) != p.idx_crc:
             raise IndexMismatchError(
                 "scale indexes recomputed here differ from the encoder's (hyper-synthesis mismatch "
@@ -277,7 +320,7 @@ class ServerDecoder:
             )
         sy = coder.decode(p.blobs[1], idx, c.y_tables).reshape(yshape)
         t.lap("decode")
-        return dequantize(sy, means[0]), {"z": sz, "y": sy}, idx
+        return dequantize(sy, means), {"z": sz, "y": sy}, idx
 
     def decode_full(self, packet: bytes) -> DecodeResult:
         t = Timer()

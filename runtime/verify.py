@@ -8,7 +8,9 @@ Checks, stage by stage so one error does not hide behind another:
   for symbols, a scale-table entry for indexes) and the symbol moved by one. Ties are counted and
   reported, never hidden;
 * golden packets decode to exactly the golden symbols, and the end-to-end pipeline on this backend
-  gives the golden top-1.
+  gives the golden top-1;
+* MSHP with the integer hyper path: the scale indexes and means it computes here from the golden ẑ
+  symbols are bit-identical to the ones computed at export (the cross-device guarantee, checked).
 
 With ``exact_symbols=False`` (INT8 engines: quantised activations move symbols by design) symbol
 and index differences are counted in ``symbol_mismatches`` instead of failing, and the end-to-end
@@ -112,6 +114,22 @@ class _Checker:
             self.report.symbol_mismatches[name] = count
 
 
+def _check_int_hyper(bundle: Bundle, g: dict[str, np.ndarray], report: VerifyReport) -> None:
+    """The integer hyper path must reproduce the export's idx and means bit for bit."""
+    from splitbits.runtime.pipeline import make_hyper
+
+    hyper = make_hyper(bundle, None, "int")  # type: ignore[arg-type]  # the int path needs no backend
+    bad = 0
+    for i in range(g["packet_z_symbols"].shape[0]):
+        idx, means = hyper.index_means(g["packet_z_symbols"][i])
+        ref_means = g["packet_means"][i]
+        bad += int(not (np.array_equal(idx, g["packet_idx"][i])
+                        and np.array_equal(means.view(np.uint32), ref_means.view(np.uint32))))
+    report.symbol_ties["idx_int"] = 0
+    if bad:
+        report.problems.append(f"integer hyper path: idx/means differ bit-wise from the export on {bad} images")
+
+
 def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", *,
                   coder: str | None = None, tol: Tolerance | None = None, raise_on_fail: bool = True,
                   exact_symbols: bool = True, min_top1: float = 0.5, **backend_options: Any) -> VerifyReport:
@@ -155,6 +173,9 @@ def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxrun
     tail = be.load(bundle, "tail").run({"y_hat": g["y_hat"]})
     chk.tensor("tail.logits", tail["logits"], g["logits"])
 
+    if "packet_idx" in g and (bundle.path / "hyper_int.npz").is_file():
+        _check_int_hyper(bundle, g, report)
+
     # golden packets decode to exactly the golden symbols on this backend
     dec = ServerDecoder(bundle, be)
     for i, p in enumerate(golden_packets(g)):
@@ -163,14 +184,14 @@ def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxrun
         except Exception as exc:  # report every failure mode, typed or not
             report.problems.append(f"golden packet {i}: {type(exc).__name__}: {exc}")
             continue
-        same = all(np.array_equal(syms[k], g[f"{k}_symbols"][i]) for k in syms)
+        same = all(np.array_equal(syms[k], g.get(f"packet_{k}_symbols", g[f"{k}_symbols"])[i]) for k in syms)
         report.packets_ok += int(same)
         if not same:
             report.problems.append(f"golden packet {i}: decoded symbols differ from golden")
 
     # end to end on this backend
     enc = EdgeEncoder(bundle, be, coder=coder)
-    ref_top1 = g["logits_reference"].argmax(1)
+    ref_top1 = g.get("logits_packet", g["logits_reference"]).argmax(1)
     any_tie = sum(report.symbol_ties.values()) > 0
     for i in range(x.shape[0]):
         logits = dec.decode(enc.encode(x[i]))

@@ -100,8 +100,8 @@ def test_truncated_and_corrupted_packets(family, pipes, images):
 
 
 def test_index_mismatch_is_an_explicit_error(tiny_bundles, pipes, images):
-    """If the server's hyper-synthesis disagrees with the edge's, decoding refuses (no garbage)."""
-    enc, _ = pipes["mshp"]
+    """If the server's float hyper-synthesis disagrees with the edge's, decoding refuses (no garbage)."""
+    enc = EdgeEncoder(tiny_bundles["mshp"], "onnxruntime", hyper="float")
     data = enc.encode(images[1])
     dec = ServerDecoder(tiny_bundles["mshp"], "onnxruntime")
     real = dec._hyper_for(0)
