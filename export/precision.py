@@ -168,9 +168,10 @@ def find_gdn(model: onnx.ModelProto, max_chain: int = 6) -> list[GdnMatch]:
         if final is None:
             continue
         ops = [n.op_type for n in chain]
+        # x / norm, x · Reciprocal(norm), x · (c / norm) or x · norm^-k all divide: a GDN; else IGDN
         divides = (final.op_type == "Div" and final.input[0] == x) or "Reciprocal" in ops or any(
-            n.op_type == "Pow" and (v := g.const_value(n.input[1])) is not None and float(v.reshape(-1)[0]) < 0
-            for n in chain)
+            (n.op_type == "Pow" and (v := g.const_value(n.input[1])) is not None and float(v.reshape(-1)[0]) < 0)
+            or (n.op_type == "Div" and g.is_const(n.input[0])) for n in chain)
         members = {sq.name, conv.name, final.name, *(n.name for n in chain)}
         members |= g.ancestors(conv.input[1:], stop={x})
         for n in chain:

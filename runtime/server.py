@@ -80,6 +80,22 @@ class ServerStats:
         return d
 
 
+class _Slots:
+    """A semaphore that also says how many slots are taken (the in-flight count of a connection)."""
+
+    def __init__(self, n: int) -> None:
+        self._sem = asyncio.Semaphore(n)
+        self.taken = 0
+
+    async def acquire(self) -> None:
+        await self._sem.acquire()
+        self.taken += 1
+
+    def release(self) -> None:
+        self.taken -= 1
+        self._sem.release()
+
+
 class TailBatcher:
     """Collects decoded latents into batches (≤ ``max_batch``, ≤ ``max_wait_ms`` after the first)."""
 
@@ -239,7 +255,7 @@ class SplitServer:
         self._conns[task] = pending
         self.stats.connections_total += 1
         self.stats.connections_open += 1
-        slots = asyncio.Semaphore(self.config.max_inflight)
+        slots = _Slots(self.config.max_inflight)
         wlock = asyncio.Lock()
         try:
             while True:
@@ -270,7 +286,7 @@ class SplitServer:
                 await slots.acquire()
                 t = asyncio.get_running_loop().create_task(self._serve_one(frame, writer, wlock, slots))
                 pending.add(t)
-                self.stats.max_inflight_seen = max(self.stats.max_inflight_seen, len(pending))
+                self.stats.max_inflight_seen = max(self.stats.max_inflight_seen, slots.taken)
                 t.add_done_callback(pending.discard)
             if pending:
                 await asyncio.wait(set(pending), timeout=self.config.drain_timeout_s)
@@ -290,7 +306,7 @@ class SplitServer:
         self.stats.errors_by_type[name] += 1
 
     async def _serve_one(self, frame: link.Frame, writer: asyncio.StreamWriter, wlock: asyncio.Lock,
-                         slots: asyncio.Semaphore) -> None:
+                         slots: _Slots) -> None:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -319,9 +335,13 @@ class SplitServer:
             self._count_error("InternalError")
             out = link.encode_json(link.KIND_ERROR, frame.request_id,
                                    {"error": "InternalError", "message": f"{type(exc).__name__}: {exc}"})
-        finally:
+        except BaseException:
             slots.release()
-        await self._send(writer, wlock, out)
+            raise
+        try:
+            await self._send(writer, wlock, out)
+        finally:
+            slots.release()  # held until answered: a client that does not read stops being read
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, wlock: asyncio.Lock | None, data: bytes) -> None:
