@@ -1,0 +1,337 @@
+"""Threat models: L∞ PGD on the rate (PGD-E), on the accuracy (PGD-Acc), sign noise, adaptive attacks.
+
+All attacks take a batch ``x ∈ [0, 1]`` (NCHW, on the model's device) and return an
+:class:`AttackOutcome` whose ``x_adv`` satisfies ``‖x_adv − x‖∞ ≤ ε`` and ``0 ≤ x_adv ≤ 1``.
+
+* ``pgd-e``: maximise the rate −Σlog₂p(ŷ) (terms ``y`` and/or ``z``), the expectation over the
+  quantisation noise estimated with ``eot`` samples that run as one batched forward.
+* ``pgd-acc``: maximise the cross-entropy of the whole split model (straight-through rounding).
+* ``noise``: random ±ε sign noise (the control: same budget, no optimisation).
+* ``pgd-e-lowfreq``: PGD-E whose steps and perturbation are restricted to the lowest ``band``
+  fraction of the 2-D DCT (survives smoothing defences).
+* ``pgd-e-region``: PGD-E on the rate weighted by ``1 − m`` (m: the defence's object mask of the
+  current input), with the step masked the same way: it spends its budget where OATV smooths least.
+* ``pgd-e-bpda``: PGD-E through the defence ``through`` (BPDA: identity backward; or ``unroll``).
+
+Every attack records the surrogate it optimised (the EOT objective) before and after, per image.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from splitbits.attacks.defence import DefenceConfig, apply_defence, object_mask
+from splitbits.attacks.model_ops import QUANT_MODES, RATE_TERMS, eot_rate, split_forward
+
+THREATS = ("clean", "pgd-e", "pgd-acc", "noise", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
+ENTROPY_THREATS = ("pgd-e", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
+OPTIMISED = (*ENTROPY_THREATS, "pgd-acc")
+
+
+class AttackConfigError(ValueError):
+    """A threat name or parameter that is not valid (raised before any work starts)."""
+
+
+def check_threat(name: str) -> None:
+    if name not in THREATS:
+        close = difflib.get_close_matches(str(name), THREATS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise AttackConfigError(f"unknown attack {name!r}{hint}; choose from {', '.join(THREATS)} "
+                                "(natural corruptions: --attack corruption --corruption NAME)")
+
+
+def check_eps(eps: float) -> float:
+    """ε as a fraction of the [0, 1] pixel range; must be finite and within [0, 1]."""
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise AttackConfigError(f"ε must be a number, got {eps!r}") from None
+    if not math.isfinite(e) or not 0.0 <= e <= 1.0:
+        raise AttackConfigError(f"ε = {eps!r} is outside [0, 1] (pixel range); e.g. 8/255 = {8 / 255:.4f}")
+    return e
+
+
+def parse_eps(text: str | float | int, unit: str = "255") -> float:
+    """``"8"`` (with unit 255) → 8/255; ``"8/255"`` → 8/255; ``"0.03"`` with unit ``unit`` → 0.03."""
+    s = str(text).strip()
+    try:
+        if "/" in s:
+            num, _, den = s.partition("/")
+            value = float(num) / float(den)
+        elif unit == "255":
+            value = float(s) / 255.0
+        elif unit == "unit":
+            value = float(s)
+        else:
+            raise AttackConfigError(f"unknown ε unit {unit!r}; use 255 (ε given as k/255) or unit")
+    except (ValueError, ZeroDivisionError):
+        raise AttackConfigError(f"ε {text!r} is not a number (e.g. 8, 8/255 or 0.03)") from None
+    if unit == "255" and "/" not in s and not 0.0 <= float(s) <= 255.0:
+        raise AttackConfigError(f"ε = {s}/255 is outside [0, 1] (give 0..255 in units of 1/255)")
+    return check_eps(value)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One threat and its parameters. ``step_size`` None → 2.5·ε/steps (Madry et al.)."""
+
+    name: str = "pgd-e"
+    eps: float = 8 / 255
+    steps: int = 20
+    step_size: float | None = None
+    eot: int = 16
+    random_start: bool = True
+    terms: tuple[str, ...] = RATE_TERMS
+    quant: str = "noise"
+    band: float = 0.25
+    through: str = "oatv"
+    through_grad: str = "bpda"
+    keep_best: bool = True
+    defence: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_threat(self.name)
+        check_eps(self.eps)
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise AttackConfigError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if not isinstance(self.eot, int) or self.eot < 1:
+            raise AttackConfigError(f"eot must be an integer >= 1, got {self.eot!r}")
+        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise AttackConfigError(f"step_size must be > 0, got {self.step_size!r}")
+        terms = tuple(self.terms)
+        if not terms or any(t not in RATE_TERMS for t in terms):
+            raise AttackConfigError(f"rate terms must be a non-empty subset of y, z; got {self.terms!r}")
+        object.__setattr__(self, "terms", terms)
+        if self.quant not in QUANT_MODES[:2]:
+            raise AttackConfigError(f"gradient quantiser must be noise or ste, got {self.quant!r}")
+        if not 0.0 < self.band <= 1.0:
+            raise AttackConfigError(f"low-frequency band must lie in (0, 1], got {self.band!r}")
+        if self.through_grad not in ("bpda", "unroll"):
+            raise AttackConfigError(f"through_grad must be bpda or unroll, got {self.through_grad!r}")
+        try:
+            DefenceConfig.parse({"name": self.through, **self.defence})
+        except ValueError as exc:
+            raise AttackConfigError(f"attack through defence: {exc}") from None
+
+    @property
+    def alpha(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return 2.5 * self.eps / max(1, self.steps)
+
+    def through_defence(self) -> DefenceConfig:
+        return DefenceConfig.parse({"name": self.through, **self.defence})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["terms"] = list(self.terms)
+        d["step_size_used"] = self.alpha
+        return d
+
+
+@dataclass
+class AttackOutcome:
+    """The attacked batch and the surrogate the attack optimised (per image, before and after)."""
+
+    x_adv: Tensor
+    objective: str
+    clean_objective: Tensor
+    adv_objective: Tensor
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def loss_rose(self) -> bool:
+        return bool(self.adv_objective.mean() > self.clean_objective.mean())
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Clip onto the L∞ ball of radius ε around x, intersected with [0, 1].
+
+    Exact in floating point: the bounds ``x ± ε`` are rounded towards ``x`` (in float64 first), so
+    ``‖x_adv − x‖∞ <= ε`` holds exactly, not up to a rounding error.
+    """
+    x64 = x.double()
+    lo64, hi64 = x64 - eps, x64 + eps
+    lo, hi = lo64.to(x.dtype), hi64.to(x.dtype)
+    lo = torch.where(lo.double() < lo64, torch.nextafter(lo, x), lo)
+    hi = torch.where(hi.double() > hi64, torch.nextafter(hi, x), hi)
+    return torch.min(torch.max(x_adv, lo), hi).clamp(0.0, 1.0)
+
+
+# -- DCT low-pass (orthonormal DCT-II as matrix products) ------------------------------------
+
+
+def dct_matrix(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    k = torch.arange(n, dtype=torch.float64).view(-1, 1)
+    i = torch.arange(n, dtype=torch.float64).view(1, -1)
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.to(device=device, dtype=dtype)
+
+
+def lowpass(x: Tensor, band: float) -> Tensor:
+    """Keep the lowest ⌈band·H⌉ × ⌈band·W⌉ DCT coefficients of every channel."""
+    if band >= 1.0:
+        return x
+    h, w = x.shape[-2:]
+    dh, dw = dct_matrix(h, x.device, x.dtype), dct_matrix(w, x.device, x.dtype)
+    c = dh @ x @ dw.T
+    kh, kw = max(1, math.ceil(band * h)), max(1, math.ceil(band * w))
+    mask = torch.zeros(h, w, device=x.device, dtype=x.dtype)
+    mask[:kh, :kw] = 1.0
+    return dh.T @ (c * mask) @ dw
+
+
+# -- objectives ------------------------------------------------------------------------------
+
+Objective = Callable[[Tensor], Tensor]
+
+
+def rate_objective(model: Any, cfg: AttackConfig) -> Objective:
+    return lambda x: eot_rate(model, x, cfg.terms, cfg.eot, cfg.quant)
+
+
+def region_objective(model: Any, cfg: AttackConfig, floor: float, gamma: float = 1.0) -> Objective:
+    """Rate of y weighted per position by (1 − m) at the latent resolution, plus z if selected."""
+
+    def fn(x: Tensor) -> Tensor:
+        w = 1.0 - object_mask(model, x.detach(), floor, gamma)  # [N,1,H,W]
+        n = x.shape[0]
+        reps = cfg.eot if cfg.quant == "noise" else 1
+        out = split_forward(model, x, cfg.quant, samples=reps)
+        wl = F.adaptive_avg_pool2d(w, out.y_bit_map.shape[-2:]).squeeze(1).repeat(reps, 1, 1)
+        val = torch.zeros(reps * n, device=x.device, dtype=x.dtype)
+        if "y" in cfg.terms:
+            val = val + (wl * out.y_bit_map).flatten(1).sum(1)
+        if "z" in cfg.terms and "z" in out.bits:
+            val = val + out.bits["z"]
+        return val.view(reps, n).mean(0)
+
+    return fn
+
+
+def accuracy_objective(model: Any, labels: Tensor, cfg: AttackConfig) -> Objective:
+    quant = "ste" if cfg.quant == "ste" or cfg.eot == 1 else "noise"
+
+    def fn(x: Tensor) -> Tensor:
+        reps = cfg.eot if quant == "noise" else 1
+        n = x.shape[0]
+        logits = split_forward(model, x, quant, logits=True, samples=reps).logits
+        assert logits is not None
+        return F.cross_entropy(logits, labels.repeat(reps), reduction="none").view(reps, n).mean(0)
+
+    return fn
+
+
+# -- PGD ---------------------------------------------------------------------------------------
+
+
+def pgd(x: Tensor, objective: Objective, eps: float, steps: int, alpha: float, *, random_start: bool = True,
+        generator: torch.Generator | None = None, grad_map: Callable[[Tensor, Tensor], Tensor] | None = None,
+        step_fn: Callable[[Tensor], Tensor] | None = None, delta_map: Callable[[Tensor], Tensor] | None = None,
+        keep_best: bool = True) -> tuple[Tensor, Tensor, Tensor, list[float]]:
+    """Maximise ``objective`` (per image) over the L∞ ball; returns (x_adv, f(x), f(x_adv), mean f per step).
+
+    ``grad_map(g, x_cur)`` reshapes the gradient, ``step_fn(g)`` turns it into a step direction
+    (default sign), ``delta_map(δ)`` constrains the perturbation (e.g. low-pass) before projection.
+    With ``keep_best`` each image keeps the iterate with the highest objective seen.
+    """
+    x = x.detach()
+    with torch.no_grad():
+        f_clean = objective(x).detach()
+    if eps == 0 or steps == 0:
+        return x.clone(), f_clean, f_clean.clone(), [float(f_clean.mean())]
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu")
+        delta = (noise.to(x) * 2 - 1) * eps
+        if delta_map is not None:
+            delta = delta_map(delta)
+        x_adv = project(x + delta, x, eps)
+    else:
+        x_adv = x.clone()
+    best, best_f = x_adv.clone(), torch.full_like(f_clean, -math.inf)
+    history: list[float] = []
+    step_fn = step_fn or torch.sign
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        f = objective(x_adv)
+        (g,) = torch.autograd.grad(f.sum(), x_adv)
+        with torch.no_grad():
+            fd = f.detach()
+            history.append(float(fd.mean()))
+            better = fd > best_f
+            best[better] = x_adv.detach()[better]
+            best_f = torch.where(better, fd, best_f)
+            if grad_map is not None:
+                g = grad_map(g, x_adv.detach())
+            x_new = x_adv.detach() + alpha * step_fn(g)
+            delta = x_new - x
+            if delta_map is not None:
+                delta = delta_map(delta)
+            x_adv = project(x + delta, x, eps)
+    with torch.no_grad():
+        f_last = objective(x_adv).detach()
+        history.append(float(f_last.mean()))
+        if keep_best:
+            better = f_last > best_f
+            best[better] = x_adv[better]
+            best_f = torch.where(better, f_last, best_f)
+            return best.detach(), f_clean, best_f, history
+    return x_adv.detach(), f_clean, f_last, history
+
+
+def _linf_normalised(g: Tensor) -> Tensor:
+    return g / g.flatten(1).abs().max(1).values.clamp_min(1e-12).view(-1, *([1] * (g.ndim - 1)))
+
+
+def run_attack(model: Any, x: Tensor, cfg: AttackConfig, labels: Tensor | None = None,
+               generator: torch.Generator | None = None) -> AttackOutcome:
+    """Attack one batch (no chunking; see :func:`splitbits.attacks.runner.attack_images`)."""
+    name, eps = cfg.name, cfg.eps
+    if name == "clean" or (eps == 0 and name != "clean"):
+        with torch.no_grad():
+            f = split_forward(model, x, "round").rate(cfg.terms)
+        return AttackOutcome(x.detach().clone(), "rate_bits", f, f.clone())
+    if name == "noise":
+        r = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu").to(x)
+        x_adv = project(x + eps * torch.where(r < 0.5, -1.0, 1.0), x, eps)
+        with torch.no_grad():
+            f0 = split_forward(model, x, "round").rate(cfg.terms)
+            f1 = split_forward(model, x_adv, "round").rate(cfg.terms)
+        return AttackOutcome(x_adv, "rate_bits", f0, f1)
+    kw: dict[str, Any] = {"random_start": cfg.random_start, "generator": generator, "keep_best": cfg.keep_best}
+    if name == "pgd-acc":
+        if labels is None:
+            raise AttackConfigError("pgd-acc needs the labels")
+        obj, what = accuracy_objective(model, labels, cfg), "cross_entropy"
+    elif name == "pgd-e":
+        obj, what = rate_objective(model, cfg), "rate_bits_eot"
+    elif name == "pgd-e-lowfreq":
+        obj, what = rate_objective(model, cfg), "rate_bits_eot"
+        kw.update(grad_map=lambda g, _x: lowpass(g, cfg.band), step_fn=_linf_normalised,
+                  delta_map=lambda d: lowpass(d, cfg.band))
+    elif name == "pgd-e-region":
+        td = cfg.through_defence()
+        floor, gamma = (td.mask_floor, td.mask_gamma) if td.name == "oatv" else (0.0, 1.0)
+        obj, what = region_objective(model, cfg, floor, gamma), "object_weighted_rate_bits_eot"
+        kw.update(grad_map=lambda g, xc: g * (1.0 - object_mask(model, xc, floor, gamma)))
+    elif name == "pgd-e-bpda":
+        dcfg = cfg.through_defence()
+        base = rate_objective(model, cfg)
+
+        def obj(xa: Tensor) -> Tensor:
+            return base(apply_defence(model, xa, dcfg, grad=cfg.through_grad))
+
+        what = f"rate_bits_eot_through_{dcfg.label}_{cfg.through_grad}"
+    else:  # pragma: no cover - check_threat guards
+        raise AttackConfigError(name)
+    x_adv, f0, f1, hist = pgd(x, obj, eps, cfg.steps, cfg.alpha, **kw)
+    return AttackOutcome(x_adv, what, f0, f1, hist)
