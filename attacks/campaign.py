@@ -1,0 +1,589 @@
+"""Campaigns: a grid of models × threats × ε (or corruption × severity) × defences, stored row by row.
+
+A campaign config is YAML (see ``attacks/campaigns/example.yaml``), checked strictly before any
+work: unknown keys (with a suggestion), unknown threat/corruption/defence names, ε outside [0, 1],
+severities outside 1–5, missing models and empty datasets are all errors up front.
+
+Work is split into *units* — one (model, threat, level, chunk of ``chunk`` images) — and each unit
+writes one row per defence into ``OUT/results.sqlite`` in a single transaction. An interrupted
+campaign therefore loses at most the unit in flight; rerunning the same command resumes and never
+recomputes a stored unit. Units are assigned round-robin over shards (``RANK``/``WORLD_SIZE`` from
+``torchrun``, or ``--shard I/N``), each shard on its own device (``cuda:LOCAL_RANK``), all writing to
+the same SQLite file (WAL mode). The last shard to finish writes the report (``--report-only``
+rewrites it from whatever is stored).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from splitbits.attacks.corruptions import CORRUPTIONS, SEVERITIES, CorruptionError, check_corruption
+from splitbits.attacks.defence import DefenceConfig
+from splitbits.attacks.threats import RATE_TERMS, THREATS, AttackConfig, AttackConfigError, check_threat, parse_eps
+from splitbits.runtime.errors import SplitbitsError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "results.sqlite"
+
+
+class CampaignError(SplitbitsError, ValueError):
+    """A campaign config or results store that cannot be used (raised before any work)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config schema
+# --------------------------------------------------------------------------------------------
+
+TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "name": ((str,), "campaign", "campaign name (report title)"),
+    "description": ((str,), "", "free text"),
+    "out": ((str,), None, "output folder (default runs/campaigns/NAME); --out overrides"),
+    "models": ((list,), None, "checkpoints or bundles (a bundle names its checkpoint), or {checkpoint, bundle}"),
+    "dataset": ((str,), "builtin", "dataset spec: builtin, imagefolder:PATH, imagenet-c:PATH?..."),
+    "split": ((str,), "val", "dataset split"),
+    "image_size": ((int,), None, "image side; null: the model's input size"),
+    "limit": ((int,), 256, "images per grid point (the first LIMIT of the split)"),
+    "chunk": ((int,), 64, "images per stored row (the resume granularity)"),
+    "batch": ((int,), 32, "images per attack batch (EOT multiplies it)"),
+    "seed": ((int,), 0, "campaign seed (each unit derives its own)"),
+    "device": ((str,), "auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)"),
+    "threads": ((int,), None, "torch CPU threads; null: leave as is"),
+    "eps_unit": ((str,), "255", "ε values are k/255 ('255', the paper's notation) or fractions ('unit')"),
+    "threats": ((list,), [{"name": "clean"}], "attacks: {name, eps: [..], steps, eot, ...}"),
+    "corruptions": ((dict,), None, "{names: [..] | all, severities: [1..5], source: generate | imagenet-c:PATH}"),
+    "defences": ((list,), ["none"], "none, oatv, tv, jpeg (name or {name, options})"),
+}
+THREAT_KEYS = {"name", "eps", "steps", "step_size", "eot", "random_start", "terms", "quant", "band",
+               "through", "through_grad", "keep_best", "defence"}
+CORRUPTION_KEYS = {"names", "severities", "source"}
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(where: str, given: Iterable[str], known: Iterable[str]) -> None:
+    known = list(known)
+    for k in given:
+        if k not in known:
+            raise CampaignError(f"unknown key {where}{k!r}{_suggest(k, known)}; valid: {', '.join(sorted(known))}")
+
+
+@dataclass(frozen=True)
+class ThreatPoint:
+    """One (threat, ε) of the grid, or one (corruption, severity)."""
+
+    attack: AttackConfig | None = None
+    corruption: str | None = None
+    severity: int | None = None
+
+    @property
+    def threat(self) -> str:
+        return self.attack.name if self.attack else "corruption"
+
+    @property
+    def eps(self) -> float | None:
+        return self.attack.eps if self.attack else None
+
+    @property
+    def level(self) -> str:
+        if self.attack is None:
+            return f"{self.corruption}:{self.severity}"
+        return "-" if self.attack.name == "clean" else f"{round(self.attack.eps * 255, 4):g}/255"
+
+    def key(self) -> str:
+        """Identity of the point including every parameter that changes its result."""
+        if self.attack is None:
+            return f"corruption|{self.corruption}|{self.severity}"
+        d = self.attack.to_dict()
+        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.attack.name}|{self.level}|{h}"
+
+
+@dataclass
+class Campaign:
+    config: dict[str, Any]
+    models: list[dict[str, Any]]
+    points: list[ThreatPoint]
+    defences: list[DefenceConfig]
+    corruption_source: str
+
+
+def _check_type(path: str, value: Any, types: tuple[type, ...]) -> None:
+    if value is None:
+        return
+    if bool not in types and isinstance(value, bool):
+        raise CampaignError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {value!r}")
+    if float in types and isinstance(value, int):
+        return
+    if not isinstance(value, types):
+        raise CampaignError(f"{path} must be {'/'.join(t.__name__ for t in types)}, got {type(value).__name__} "
+                            f"{value!r}")
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _threat_points(i: int, raw: Any, eps_unit: str) -> list[ThreatPoint]:
+    where = f"threats[{i}]"
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise CampaignError(f"{where} must be a mapping like {{name: pgd-e, eps: [8]}}, got {raw!r}")
+    _unknown(f"{where}.", raw, THREAT_KEYS)
+    name = raw.get("name")
+    if name is None:
+        raise CampaignError(f"{where} needs a name (one of {', '.join(THREATS)})")
+    try:
+        check_threat(name)
+    except AttackConfigError as exc:
+        if name in CORRUPTIONS:
+            raise CampaignError(f"{where}: {name!r} is a corruption; list it under corruptions.names") from None
+        raise CampaignError(f"{where}: {exc}") from None
+    opts = {k: v for k, v in raw.items() if k not in ("name", "eps")}
+    if "terms" in opts:
+        opts["terms"] = tuple(_as_list(opts["terms"]))
+        bad = [t for t in opts["terms"] if t not in RATE_TERMS]
+        if bad:
+            raise CampaignError(f"{where}.terms: unknown rate term {bad[0]!r}; use y and/or z")
+    if "defence" in opts and not isinstance(opts["defence"], Mapping):
+        raise CampaignError(f"{where}.defence must be a mapping of options of the defence attacked through")
+    if name == "clean":
+        eps_list = [0.0]
+        if "eps" in raw:
+            raise CampaignError(f"{where}: the clean point takes no eps")
+    else:
+        if "eps" not in raw:
+            raise CampaignError(f"{where}: {name} needs eps (e.g. eps: [2, 4, 8, 16, 32] in units of 1/255)")
+        try:
+            eps_list = [parse_eps(e, eps_unit) for e in _as_list(raw["eps"])]
+        except AttackConfigError as exc:
+            raise CampaignError(f"{where}.eps: {exc}") from None
+        if not eps_list:
+            raise CampaignError(f"{where}.eps is empty")
+    out = []
+    for e in eps_list:
+        try:
+            out.append(ThreatPoint(attack=AttackConfig(name=name, eps=e, **opts)))
+        except (AttackConfigError, TypeError) as exc:
+            raise CampaignError(f"{where}: {exc}") from None
+    return out
+
+
+def _corruption_points(raw: Mapping[str, Any] | None) -> tuple[list[ThreatPoint], str]:
+    if raw is None:
+        return [], "generate"
+    _unknown("corruptions.", raw, CORRUPTION_KEYS)
+    names = raw.get("names", "all")
+    names = list(CORRUPTIONS) if names == "all" else _as_list(names)
+    sevs = _as_list(raw.get("severities", list(SEVERITIES)))
+    source = str(raw.get("source", "generate"))
+    if source != "generate" and not source.startswith("imagenet-c:"):
+        raise CampaignError(f"corruptions.source must be 'generate' or 'imagenet-c:PATH', got {source!r}")
+    out = []
+    for n in names:
+        for s in sevs:
+            try:
+                check_corruption(n, s)
+            except CorruptionError as exc:
+                raise CampaignError(f"corruptions: {exc}") from None
+            out.append(ThreatPoint(corruption=n, severity=int(s)))
+    if not out:
+        raise CampaignError("corruptions: no corruption × severity selected")
+    return out, source
+
+
+def _model_entry(i: int, raw: Any, base: Path) -> dict[str, Any]:
+    if isinstance(raw, str):
+        raw = {"checkpoint": raw}
+    if not isinstance(raw, Mapping):
+        raise CampaignError(f"models[{i}] must be a path or {{checkpoint, bundle}}, got {raw!r}")
+    _unknown(f"models[{i}].", raw, ("checkpoint", "bundle", "name"))
+    if "checkpoint" not in raw:
+        raise CampaignError(f"models[{i}] needs a checkpoint (or a bundle path)")
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() or q.exists() else (base / q)
+
+    ck = resolve(str(raw["checkpoint"]))
+    if not ck.exists():
+        raise CampaignError(f"models[{i}]: {raw['checkpoint']} not found")
+    bd = resolve(str(raw["bundle"])) if raw.get("bundle") else None
+    if bd is not None and not bd.is_dir():
+        raise CampaignError(f"models[{i}]: bundle {raw['bundle']} not found")
+    return {"path": str(ck), "bundle": str(bd) if bd else None, "name": raw.get("name")}
+
+
+def parse_campaign(raw: Mapping[str, Any], base: Path | None = None) -> Campaign:
+    """Validate a campaign mapping completely (but open no model and no dataset)."""
+    if not isinstance(raw, Mapping):
+        raise CampaignError("a campaign config must be a YAML mapping")
+    base = base or Path.cwd()
+    _unknown("", raw, TOP_KEYS)
+    cfg: dict[str, Any] = {}
+    for k, (types, default, _) in TOP_KEYS.items():
+        v = raw.get(k, copy.deepcopy(default))
+        _check_type(k, v, types)
+        cfg[k] = v
+    if not cfg["models"]:
+        raise CampaignError("models: give at least one checkpoint or bundle")
+    for k in ("limit", "chunk", "batch"):
+        if cfg[k] < 1:
+            raise CampaignError(f"{k} must be >= 1, got {cfg[k]}")
+    if cfg["image_size"] is not None and cfg["image_size"] < 1:
+        raise CampaignError("image_size must be >= 1")
+    if cfg["eps_unit"] not in ("255", "unit"):
+        raise CampaignError(f"eps_unit must be '255' or 'unit', got {cfg['eps_unit']!r}")
+    if cfg["device"] != "auto" and not cfg["device"].startswith(("cpu", "cuda")):
+        raise CampaignError(f"device must be auto, cpu or cuda[:N], got {cfg['device']!r}")
+    models = [_model_entry(i, m, base) for i, m in enumerate(cfg["models"])]
+    points: list[ThreatPoint] = []
+    for i, t in enumerate(cfg["threats"] or []):
+        points += _threat_points(i, t, cfg["eps_unit"])
+    if not any(p.threat == "clean" for p in points):
+        points.insert(0, ThreatPoint(attack=AttackConfig(name="clean", eps=0.0)))
+    cpoints, source = _corruption_points(cfg["corruptions"])
+    points += cpoints
+    keys = [p.key() for p in points]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise CampaignError(f"threats: the same point is listed twice ({sorted(dup)[0]})")
+    defences = []
+    for i, d in enumerate(cfg["defences"] or ["none"]):
+        try:
+            defences.append(DefenceConfig.parse(d))
+        except (ValueError, TypeError) as exc:
+            raise CampaignError(f"defences[{i}]: {exc}") from None
+    if not any(d.name == "none" for d in defences):
+        defences.insert(0, DefenceConfig(name="none"))
+    labels = [d.label for d in defences]
+    if len(set(labels)) != len(labels):
+        raise CampaignError(f"defences: the same defence is listed twice ({labels})")
+    return Campaign(cfg, models, points, defences, source)
+
+
+def load_campaign(path: str | os.PathLike) -> Campaign:
+    p = Path(path)
+    if not p.is_file():
+        raise CampaignError(f"campaign config not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise CampaignError(f"{p}: not valid YAML ({exc})") from exc
+    return parse_campaign(raw or {}, base=p.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Results store
+# --------------------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    row_key TEXT PRIMARY KEY, unit_key TEXT NOT NULL, model_id TEXT NOT NULL, model TEXT NOT NULL,
+    family TEXT, beta REAL, threat TEXT NOT NULL, eps REAL, level TEXT NOT NULL, corruption TEXT,
+    severity INTEGER, defence TEXT NOT NULL, chunk INTEGER NOT NULL, n INTEGER NOT NULL,
+    bytes_mean REAL, surrogate_bytes_mean REAL, correct INTEGER, edge_ms_p50 REAL, defence_ms REAL,
+    attack_s REAL, objective TEXT, objective_clean REAL, objective_adv REAL, loss_rose INTEGER,
+    data TEXT NOT NULL, rank INTEGER, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS results_unit ON results(unit_key);
+CREATE TABLE IF NOT EXISTS shards (rank INTEGER PRIMARY KEY, world INTEGER, status TEXT, finished REAL);
+"""
+
+
+class ResultStore:
+    """SQLite rows; a unit's rows are written in one transaction; safe for several processes (WAL)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = sqlite3.connect(self.path, timeout=120.0, isolation_level=None)
+        self.con.execute("PRAGMA busy_timeout=120000")
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def done_units(self, expected_rows: int) -> set[str]:
+        rows = self.con.execute("SELECT unit_key, COUNT(*) FROM results GROUP BY unit_key").fetchall()
+        return {k for k, c in rows if c >= expected_rows}
+
+    def write_unit(self, rows: list[dict[str, Any]]) -> None:
+        cols = list(rows[0])
+        sql = f"INSERT OR IGNORE INTO results({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            self.con.executemany(sql, [tuple(r[c] for c in cols) for r in rows])
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def rows(self) -> list[dict[str, Any]]:
+        cur = self.con.execute("SELECT * FROM results ORDER BY model_id, threat, eps, corruption, severity, "
+                               "defence, chunk")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def count(self) -> int:
+        return int(self.con.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def mark_shard(self, rank: int, world: int, status: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO shards(rank, world, status, finished) VALUES (?, ?, ?, ?)",
+                         (rank, world, status, time.time()))
+
+    def shard_status(self) -> dict[int, str]:
+        return dict(self.con.execute("SELECT rank, status FROM shards").fetchall())
+
+    def clear_shards(self) -> None:
+        self.con.execute("DELETE FROM shards")
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    model_index: int
+    point: ThreatPoint
+    chunk: int
+    start: int
+    stop: int
+
+    def key(self, model_id: str) -> str:
+        return f"{model_id}|{self.point.key()}|chunk{self.chunk}"
+
+
+def shard_from_env(shard: str | None = None) -> tuple[int, int, int]:
+    """(rank, world, local_rank) from ``--shard I/N`` or torchrun's environment."""
+    if shard:
+        try:
+            r, _, w = shard.partition("/")
+            rank, world = int(r), int(w)
+        except ValueError:
+            raise CampaignError(f"--shard must be I/N (e.g. 0/4), got {shard!r}") from None
+        if not 0 <= rank < world:
+            raise CampaignError(f"--shard {shard}: need 0 <= I < N")
+        return rank, world, rank
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+def _frame(c: Campaign) -> dict[str, Any]:
+    cfg = c.config
+    return {k: cfg[k] for k in ("dataset", "split", "image_size", "limit", "chunk", "seed")} | {
+        "corruption_source": c.corruption_source}
+
+
+def _unit_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _model_id(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") if Path(path).is_file() else open(Path(path) / "manifest.json", "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def plan_units(c: Campaign) -> list[Unit]:
+    limit, chunk = c.config["limit"], c.config["chunk"]
+    units = []
+    for mi in range(len(c.models)):
+        for p in c.points:
+            for k, s in enumerate(range(0, limit, chunk)):
+                units.append(Unit(mi, p, k, s, min(limit, s + chunk)))
+    return units
+
+
+class _Data:
+    """Images per (image size, corruption source) loaded once; checks emptiness up front."""
+
+    def __init__(self, c: Campaign) -> None:
+        self.c = c
+        self.cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, size: int, corruption: str | None = None, severity: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        from splitbits.runtime.datasets import open_dataset
+
+        cfg = self.c.config
+        spec, key = cfg["dataset"], (size, None, None)
+        if corruption is not None and self.c.corruption_source != "generate":
+            spec = f"{self.c.corruption_source}?corruption={corruption}&severity={severity}"
+            key = (size, corruption, severity)
+        if key not in self.cache:
+            ds = open_dataset(spec, split=cfg["split"], image_size=cfg["image_size"] or size, limit=cfg["limit"])
+            if len(ds) == 0:
+                raise CampaignError(f"dataset {spec} ({cfg['split']}) has no images")
+            imgs = np.stack([ds[i][0] for i in range(len(ds))])
+            labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
+            if len(ds) < cfg["limit"]:
+                log.warning("dataset %s has only %d images (limit %d)", spec, len(ds), cfg["limit"])
+            self.cache[key] = (imgs, labels)
+        return self.cache[key]
+
+
+def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, shard: str | None = None,
+                 device: str | None = None, progress: bool = True,
+                 on_unit: Callable[[Unit, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the campaign (this process's shard) into ``out``; returns counts.
+
+    ``on_unit(unit, n_computed)`` is called after each stored unit (progress hooks, tests).
+    """
+    import torch
+
+    from splitbits.attacks.runner import Perturbation, RuntimeMeter, evaluate_point, pick_device, resolve_target
+
+    out = Path(out)
+    rank, world, local_rank = shard_from_env(shard)
+    if c.config["threads"]:
+        torch.set_num_threads(int(c.config["threads"]))
+    dev_name = device or c.config["device"]
+    dev = pick_device(dev_name)
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    out.mkdir(parents=True, exist_ok=True)
+    db_path = out / DB_NAME
+    if fresh and rank == 0 and db_path.exists():
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db_path) + suffix).unlink(missing_ok=True)
+    store = ResultStore(db_path)
+    frame = json.dumps(_frame(c), sort_keys=True)
+    old = store.get_meta("frame")
+    if old is not None and old != frame:
+        store.close()
+        raise CampaignError(f"{db_path} holds results of a different dataset/limit/chunk/seed ({old}); "
+                            "use another --out or --fresh")
+    if rank == 0:
+        store.set_meta("frame", frame)
+        store.set_meta("config", json.dumps(c.config, sort_keys=True, default=str))
+        store.set_meta("defences", json.dumps([d.to_dict() for d in c.defences]))
+    data = _Data(c)
+    # Everything that can fail on bad input fails here, before the first attack.
+    targets = []
+    for m in c.models:
+        t = resolve_target(m["bundle"] or m["path"], checkpoint=m["path"] if m["bundle"] else None, device=dev)
+        if m["name"]:
+            t.name = m["name"]
+        targets.append((t, _model_id(m["path"])))
+    for t, _ in targets:
+        data.get(t.model.spec.input_size)
+    units = plan_units(c)
+    mine = [u for i, u in enumerate(units) if i % world == rank]
+    ndef = len(c.defences)
+    done = store.done_units(ndef)
+    todo = [u for u in mine if u.key(targets[u.model_index][1]) not in done]
+    log.info("campaign %s: %d units, shard %d/%d has %d, %d already stored, %d to run",
+             c.config["name"], len(units), rank, world, len(mine), len(mine) - len(todo), len(todo))
+    meters: dict[int, Any] = {}
+    computed = 0
+    prog = _progress(progress and rank == 0)
+    store.mark_shard(rank, world, "running")
+    try:
+        with prog:
+            task = prog.add_task(f"campaign {c.config['name']}", total=sum(u.stop - u.start for u in todo))
+            for u in todo:
+                t, mid = targets[u.model_index]
+                if u.model_index not in meters:
+                    meters[u.model_index] = RuntimeMeter(t.bundle)
+                p = u.point
+                imgs, labels = data.get(t.model.spec.input_size, p.corruption, p.severity)
+                sl = slice(u.start, min(u.stop, len(imgs)))
+                if sl.start >= sl.stop:
+                    continue
+                pert = Perturbation(attack=p.attack) if p.attack else Perturbation(corruption=p.corruption,
+                                                                                   severity=p.severity)
+                if p.corruption is not None and c.corruption_source != "generate":
+                    pert = Perturbation(attack=AttackConfig(name="clean", eps=0.0))  # pre-corrupted on disk
+                ukey = u.key(mid)
+                res = evaluate_point(t, meters[u.model_index], imgs[sl], labels[sl], pert, c.defences,
+                                     seed=_unit_seed(c.config["seed"], ukey), indices=np.arange(sl.start, sl.stop),
+                                     batch=c.config["batch"],
+                                     progress=lambda n, _task=task: prog.advance(_task, n))
+                store.write_unit(_rows(ukey, mid, t, u, res, rank))
+                computed += 1
+                if on_unit is not None:
+                    on_unit(u, computed)
+        store.mark_shard(rank, world, "done")
+    except BaseException:
+        store.mark_shard(rank, world, "failed")
+        store.close()
+        raise
+    summary = {"units": len(units), "shard_units": len(mine), "computed": computed,
+               "skipped": len(mine) - len(todo), "rows": store.count(), "rank": rank, "world": world}
+    status = store.shard_status()
+    if all(status.get(r) == "done" for r in range(world)):  # the last shard to finish writes the report
+        from splitbits.attacks.report import write_report
+
+        summary["report"] = {k: str(v) for k, v in write_report(store, out, title=c.config["name"]).items()}
+    else:
+        waiting = [r for r in range(world) if status.get(r) != "done"]
+        log.info("shards %s still running; the last one to finish writes the report", waiting)
+    store.close()
+    return summary
+
+
+def _rows(ukey: str, mid: str, t: Any, u: Unit, res: Any, rank: int) -> list[dict[str, Any]]:
+    rows = []
+    p = u.point
+    att = res.attack
+    for label, m in res.defended.items():
+        data = m.to_json() | {"labels": res.labels.tolist()}
+        rows.append({
+            "row_key": f"{ukey}|{label}", "unit_key": ukey, "model_id": mid, "model": t.name,
+            "family": t.family, "beta": t.beta, "threat": p.threat, "eps": p.eps, "level": p.level,
+            "corruption": p.corruption, "severity": p.severity, "defence": label, "chunk": u.chunk,
+            "n": int(m.bytes.size), "bytes_mean": float(m.bytes.mean()),
+            "surrogate_bytes_mean": float(m.surrogate_bytes.mean()),
+            "correct": int((m.preds == res.labels).sum()), "edge_ms_p50": float(np.median(m.edge_ms)),
+            "defence_ms": m.defence_ms, "attack_s": att.get("seconds"), "objective": att.get("objective"),
+            "objective_clean": att.get("clean_objective_mean"), "objective_adv": att.get("adv_objective_mean"),
+            "loss_rose": None if att.get("loss_rose") is None else int(att["loss_rose"]),
+            "data": json.dumps(data), "rank": rank, "created": time.time(),
+        })
+    return rows
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)

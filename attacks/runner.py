@@ -1,0 +1,344 @@
+"""Evaluate one grid point: attack (or corrupt) images, optionally defend, and measure the real packets.
+
+The numbers that matter come from the runtime: ``len(packet)`` from :class:`EdgeEncoder` and the
+top-1 of :class:`ServerDecoder` on that packet (ONNX Runtime, CPU). The surrogate −Σlog₂p/8 of the
+torch model on the *same* input is reported beside them.
+
+Attacked images are delivered as uint8 (what a camera or file carries): the float PGD result is
+rounded to the nearest uint8 level, never beyond ε (``to_uint8_within``). Defended images stay float
+(the defence runs on the edge just before the head) and are fed to the runtime as float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from splitbits.attacks.corruptions import check_corruption, corrupt
+from splitbits.attacks.defence import DefenceConfig, defend_timed
+from splitbits.attacks.model_ops import rate_and_logits
+from splitbits.attacks.threats import AttackConfig, AttackConfigError, run_attack
+
+log = logging.getLogger(__name__)
+
+
+class TargetError(ValueError):
+    """A checkpoint/bundle pair that cannot be attacked (missing, mismatched, not a split model)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Target: torch model (for gradients) + bundle (for real bytes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    model: Any
+    bundle: Path
+    checkpoint: Path | None
+    family: str
+    beta: float | None
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "beta": self.beta, "bundle": str(self.bundle),
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SPLITBITS_CACHE", Path.home() / ".cache" / "splitbits")).expanduser()
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                   bundle: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                   device: str | torch.device = "cpu") -> Target:
+    """A bundle dir (its manifest's ``source`` or ``checkpoint`` gives the torch model) or a checkpoint
+    (``bundle`` or an export cached under ``cache_dir``, default ``$SPLITBITS_CACHE/attack_bundles``).
+
+    The pair is checked: same model spec, and the bundle's head reproduces the torch head.
+    """
+    from splitbits.runtime.bundle import MANIFEST, load_manifest
+    from splitbits.trainer.checkpoint import load_model
+    from splitbits.trainer.models import SplitClassifier
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TargetError(f"no such checkpoint or bundle: {p}")
+    if p.is_dir():
+        if not (p / MANIFEST).is_file():
+            raise TargetError(f"{p} is a directory without {MANIFEST}: not a bundle")
+        bundle_dir = p
+        if checkpoint is None:
+            src = load_manifest(p).get("source")
+            if not src:
+                raise TargetError(f"bundle {p} does not name its source checkpoint; pass --checkpoint")
+            checkpoint = Path(src) if Path(src).is_absolute() or Path(src).exists() else p.parent / Path(src).name
+        ckpt = Path(checkpoint).expanduser()
+        if not ckpt.is_file():
+            raise TargetError(f"the checkpoint of bundle {p} is not found ({ckpt}); pass --checkpoint")
+    else:
+        ckpt = p
+        bundle_dir = Path(bundle).expanduser() if bundle else None
+    try:
+        model, ck = load_model(ckpt)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise TargetError(f"cannot load {ckpt}: {exc}") from exc
+    if not isinstance(model, SplitClassifier):
+        raise TargetError(f"{ckpt} is a plain classifier (teacher); attacks need a split student")
+    if not _has_tables(model):
+        model.update_entropy_tables(force=True)
+    if bundle_dir is None:
+        root = Path(cache_dir).expanduser() if cache_dir else _cache_root() / "attack_bundles"
+        bundle_dir = root / _file_hash(ckpt)[:16]
+        if not (bundle_dir / MANIFEST).is_file():
+            from splitbits.export.bundle import export_bundle
+
+            log.info("exporting %s to %s (cached for later attacks)", ckpt, bundle_dir)
+            bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+            export_bundle(model, bundle_dir, overwrite=True, source=str(ckpt.resolve()))
+    if not (bundle_dir / MANIFEST).is_file():
+        raise TargetError(f"not a bundle: {bundle_dir}")
+    _check_pair(model, bundle_dir)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    model = model.to(device).eval()
+    beta = (ck.get("config") or {}).get("student", {}).get("beta")
+    return Target(model, bundle_dir, ckpt, model.family, beta, ckpt.stem)
+
+
+def _has_tables(model: Any) -> bool:
+    eb = model.bottleneck_layer.entropy_bottleneck
+    return eb._quantized_cdf.numel() > 0
+
+
+def _check_pair(model: Any, bundle_dir: Path) -> None:
+    from splitbits.runtime.backends import get_backend
+    from splitbits.runtime.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    if b.manifest.get("model") != model.spec.to_dict():
+        raise TargetError(f"bundle {bundle_dir} was exported from a different model spec than the checkpoint")
+    head = get_backend("onnxruntime").load(b, "head")
+    x = torch.rand(1, *b.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.cpu().run_head(x)[0].numpy()
+    got = head.run({"x": x.numpy()})["y"]
+    if not np.allclose(got, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
+        raise TargetError(f"bundle {bundle_dir} does not match the checkpoint (head outputs differ by "
+                          f"{float(np.abs(got - ref).max()):.3g}); re-export it or pass the right --checkpoint")
+
+
+# --------------------------------------------------------------------------------------------
+# Real bytes and accuracy from the runtime
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    bytes: np.ndarray  # int64 [N], len(packet)
+    surrogate_bytes: np.ndarray  # float64 [N], −Σlog₂p / 8 (rounded latents, torch model)
+    preds: np.ndarray  # int64 [N], server top-1 from the packet
+    torch_preds: np.ndarray  # int64 [N], torch model top-1 (rounded latents)
+    edge_ms: np.ndarray  # float64 [N], sum of the edge stages
+    server_ms: np.ndarray  # float64 [N]
+    defence_ms: float = 0.0
+
+    def summary(self, labels: np.ndarray) -> dict[str, Any]:
+        return {"n": int(self.bytes.size), "bytes_mean": float(self.bytes.mean()),
+                "surrogate_bytes_mean": float(self.surrogate_bytes.mean()),
+                "top1": float((self.preds == labels).mean()), "edge_ms_p50": float(np.median(self.edge_ms)),
+                "server_ms_p50": float(np.median(self.server_ms)), "defence_ms": self.defence_ms}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bytes": self.bytes.tolist(), "surrogate_bytes": np.round(self.surrogate_bytes, 3).tolist(),
+                "preds": self.preds.tolist(), "torch_preds": self.torch_preds.tolist(),
+                "edge_ms": np.round(self.edge_ms, 4).tolist(), "server_ms": np.round(self.server_ms, 4).tolist(),
+                "defence_ms": self.defence_ms}
+
+
+class RuntimeMeter:
+    """EdgeEncoder → packet → ServerDecoder on ONNX Runtime, for a batch of inputs."""
+
+    def __init__(self, bundle: str | os.PathLike, batch: int = 64) -> None:
+        from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
+
+        self.encoder = EdgeEncoder(bundle, "onnxruntime")
+        self.decoder = ServerDecoder(bundle, "onnxruntime")
+        self.batch = batch
+        self.encoder.warmup()
+
+    def packets(self, images: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        pk, ms = [], []
+        for i in range(0, len(images), self.batch):
+            for r in self.encoder.analyze_batch(images[i:i + self.batch]):
+                pk.append(r.packet)
+                ms.append(sum(r.timings_ms.values()))
+        return pk, np.asarray(ms, dtype=np.float64)
+
+    def measure(self, images: np.ndarray, model: Any, x: Tensor) -> Measurement:
+        """``images``: what the runtime gets (uint8 NHWC or float32 NCHW); ``x``: the same as a tensor."""
+        pk, edge = self.packets(images)
+        preds, server = [], []
+        for p in pk:
+            d = self.decoder.decode_full(p)
+            preds.append(int(np.argmax(d.logits)))
+            server.append(sum(d.timings_ms.values()))
+        rate, _, logits = rate_and_logits(model, x)
+        return Measurement(np.asarray([len(p) for p in pk], dtype=np.int64), rate.double().cpu().numpy() / 8,
+                           np.asarray(preds, dtype=np.int64), logits.argmax(1).cpu().numpy().astype(np.int64),
+                           edge, np.asarray(server, dtype=np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions
+# --------------------------------------------------------------------------------------------
+
+
+def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> Tensor:
+    """uint8 NHWC → float32 NCHW in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device).float() / 255.0
+
+
+def to_uint8_within(x_adv: Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
+    """Round an attacked batch to uint8 NHWC, keeping every pixel within ⌊255·ε⌋ levels of ``clean``."""
+    adv = np.rint(x_adv.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().double().numpy() * 255.0)
+    k = math.floor(255.0 * eps + 1e-6)
+    c = clean.astype(np.int64)
+    return np.clip(adv.astype(np.int64), c - k, c + k).clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# One grid point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What happens to the images: an attack or a corruption (exactly one)."""
+
+    attack: AttackConfig | None = None
+    corruption: str | None = None
+    severity: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.attack is None) == (self.corruption is None):
+            raise AttackConfigError("a grid point is either an attack or a corruption")
+        if self.corruption is not None:
+            check_corruption(self.corruption, self.severity)  # type: ignore[arg-type]
+
+    @property
+    def threat(self) -> str:
+        return self.attack.name if self.attack else "corruption"
+
+    @property
+    def level(self) -> str:
+        if self.attack:
+            return f"{self.attack.eps * 255:g}/255" if self.attack.name != "clean" else "-"
+        return f"{self.corruption}:{self.severity}"
+
+
+@dataclass
+class PointResult:
+    perturbation: Perturbation
+    labels: np.ndarray
+    attack: dict[str, Any]
+    defended: dict[str, Measurement] = field(default_factory=dict)
+    inputs: np.ndarray | None = None  # the uint8 images the edge received
+
+
+def perturb(target: Target, images: np.ndarray, labels: np.ndarray, pert: Perturbation, *, seed: int = 0,
+            indices: Sequence[int] | None = None, batch: int = 32, progress: Any = None) -> tuple[np.ndarray, dict]:
+    """Attack or corrupt uint8 NHWC images in batches; returns (uint8 images, attack record)."""
+    t0 = time.perf_counter()
+    if pert.corruption is not None:
+        out = corrupt(images, pert.corruption, int(pert.severity), seed=seed, indices=indices)  # type: ignore[arg-type]
+        rec = {"objective": None, "seconds": time.perf_counter() - t0}
+        if progress is not None:
+            progress(len(images))
+        return out, rec
+    cfg = pert.attack
+    assert cfg is not None
+    model = target.model
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    torch.manual_seed(seed)
+    outs, f0, f1, hists = [], [], [], []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch], dev)
+        lab = torch.from_numpy(labels[i:i + batch]).to(dev)
+        o = run_attack(model, x, cfg, labels=lab, generator=gen)
+        outs.append(to_uint8_within(o.x_adv, images[i:i + batch], cfg.eps))
+        f0.append(o.clean_objective.cpu())
+        f1.append(o.adv_objective.cpu())
+        hists.append(o.history)
+        if progress is not None:
+            progress(len(x))
+    adv = np.concatenate(outs)
+    c, a = torch.cat(f0), torch.cat(f1)
+    hist = np.mean(np.asarray(hists, dtype=np.float64), axis=0).tolist() if hists and hists[0] else []
+    rec = {"objective": o.objective, "clean_objective_mean": float(c.mean()), "adv_objective_mean": float(a.mean()),
+           "loss_rose": bool(a.mean() > c.mean()) if cfg.name not in ("clean",) else None,
+           "rose_fraction": float((a > c).double().mean()), "history": [round(h, 4) for h in hist],
+           "seconds": time.perf_counter() - t0,
+           "linf_levels": int(np.abs(adv.astype(np.int16) - images.astype(np.int16)).max()) if len(adv) else 0,
+           "config": cfg.to_dict()}
+    return adv, rec
+
+
+def measure_defences(target: Target, meter: RuntimeMeter, images: np.ndarray,
+                     defences: Sequence[DefenceConfig], batch: int = 64) -> dict[str, Measurement]:
+    """Real bytes/top-1 of ``images`` (uint8 NHWC) under each defence (``none`` = as received)."""
+    model = target.model
+    dev = next(model.parameters()).device
+    x = to_tensor(images, dev)
+    out: dict[str, Measurement] = {}
+    for d in defences:
+        if d.name == "none":
+            out[d.label] = meter.measure(images, model, x)
+            continue
+        xd, ms = defend_timed(model, x, d, batch)
+        m = meter.measure(xd.cpu().numpy().astype(np.float32), model, xd)
+        m.defence_ms = ms
+        out[d.label] = m
+    return out
+
+
+def evaluate_point(target: Target, meter: RuntimeMeter, images: np.ndarray, labels: np.ndarray, pert: Perturbation,
+                   defences: Sequence[DefenceConfig], *, seed: int = 0, indices: Sequence[int] | None = None,
+                   batch: int = 32, keep_inputs: bool = False, progress: Any = None) -> PointResult:
+    """Perturb ``images`` then measure every defence on the result."""
+    if len(images) == 0:
+        raise AttackConfigError("no images to attack (empty dataset or limit)")
+    adv, rec = perturb(target, images, labels, pert, seed=seed, indices=indices, batch=batch, progress=progress)
+    res = PointResult(pert, labels, rec, measure_defences(target, meter, adv, defences))
+    if keep_inputs:
+        res.inputs = adv
+    return res
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TargetError("--device cuda requested but CUDA is not available")
+    return dev
