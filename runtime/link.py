@@ -19,6 +19,7 @@ on a 1, 10 or 100 Mbit/s link; its clock is injectable, so its arithmetic is tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import time
@@ -91,8 +92,6 @@ def decode_frame(data: bytes) -> Frame:
 
 async def read_frame(reader, max_bytes: int) -> Frame | None:
     """Read one frame from an ``asyncio.StreamReader``; ``None`` at a clean end of stream."""
-    import asyncio
-
     try:
         prefix = await reader.readexactly(_LEN.size)
     except asyncio.IncompleteReadError as exc:
@@ -181,8 +180,6 @@ class TokenBucket:
 
 async def paced_write(writer, data: bytes, bucket: TokenBucket | None, chunk: int = CHUNK_BYTES) -> float:
     """Write ``data`` (paced by ``bucket`` when given) and drain; returns the seconds it took."""
-    import asyncio
-
     t0 = time.perf_counter()
     if bucket is None:
         writer.write(data)
@@ -193,7 +190,17 @@ async def paced_write(writer, data: bytes, bucket: TokenBucket | None, chunk: in
         part = mv[i:i + chunk]
         delay = bucket.reserve(len(part))
         if delay > 0:
-            await asyncio.sleep(delay)
+            await _sleep_precise(delay)
         writer.write(part)
         await writer.drain()
     return time.perf_counter() - t0
+
+
+async def _sleep_precise(delay: float, coarse: float = 0.002) -> None:
+    """Sleep ``delay`` seconds to well under a millisecond: the event loop's timers round up to
+    ~1 ms (epoll), so the last stretch yields to the loop in a loop instead (other tasks still run)."""
+    deadline = time.monotonic() + delay
+    if delay > coarse:
+        await asyncio.sleep(delay - coarse)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0)
