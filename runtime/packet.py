@@ -32,6 +32,7 @@ VERSION = 1
 FAMILIES = {"fp": 1, "mshp": 2}
 FAMILY_NAMES = {v: k for k, v in FAMILIES.items()}
 FLAG_INT_HYPER = 1
+KNOWN_FLAGS = FLAG_INT_HYPER
 MAX_SECTIONS = 4
 
 _HEAD = struct.Struct("<4sBBBB8sIB")
@@ -111,6 +112,8 @@ def parse(data: bytes | bytearray | memoryview, expect: Expect) -> Packet:
         raise PacketError(f"packet family {fam or family} does not match the bundle's {expect.family}")
     if expect.coder_ids and coder_id not in expect.coder_ids:
         raise PacketError(f"packet coder id {coder_id} is not available here")
+    if flags & ~KNOWN_FLAGS or (flags & FLAG_INT_HYPER and fam != "mshp"):
+        raise PacketError(f"packet flags {flags:#04x} are not valid for a {fam} packet")
     if nsec != len(expect.shapes):
         raise PacketError(f"packet has {nsec} sections, the bundle expects {len(expect.shapes)}")
     pos = _HEAD.size

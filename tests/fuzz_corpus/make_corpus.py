@@ -1,0 +1,145 @@
+"""Regenerate the fuzz corpus: ``python tests/fuzz_corpus/make_corpus.py`` (the files are committed).
+
+A small synthetic "bundle" (tables, an integer hyper path, fixed fingerprint and shapes, in
+``fuzz_bundle.npz`` / ``hyper_int.npz``) and packets for it: valid ones of both families and both
+coders (``valid-*``), and malformed ones (``bad-*``) that must be refused with a PacketError:
+truncated, bit-flipped, oversized, wrong version, wrong bundle, wrong family/shape/section count,
+unknown coder, and hostile blobs behind a *valid* CRC (so the decoders, not the CRC, must cope).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from splitbits.runtime import packet as pkt
+from splitbits.runtime.codec import CdfTables, get_coder
+from splitbits.runtime.hyper_int import SLOPE_BITS
+from splitbits.runtime.quant import index_checksum
+
+HERE = Path(__file__).parent
+FP8 = bytes.fromhex("5eedf00d0badcafe")
+Z_SHAPE, Y_SHAPE = (4, 3, 3), (6, 5, 5)
+SCALES = np.exp(np.linspace(np.log(0.11), np.log(20.0), 8)).astype(np.float32)
+
+
+def _tables(rng: np.random.Generator, num: int, spread: float) -> CdfTables:
+    lengths = rng.integers(4, 24, num)
+    cdf = np.zeros((num, int(lengths.max())), np.int32)
+    for t, ln in enumerate(lengths):
+        x = np.arange(ln - 1) - (ln - 2) / 2
+        w = np.exp(-0.5 * (x / (spread * (t + 1))) ** 2) + 1e-3
+        f = np.maximum(1, np.floor(w / w.sum() * (65536 - ln))).astype(np.int64)
+        f[np.argmax(f)] += 65536 - f.sum()
+        cdf[t, :ln] = np.concatenate(([0], np.cumsum(f)))
+    return CdfTables.create(cdf, lengths, -(lengths // 2))
+
+
+def _hyper_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    meta = {"format_version": 1, "in_shape": list(Z_SHAPE), "out_shape": list(Y_SHAPE), "min_index": 0,
+            "layers": [{"transposed": True, "stride": 2, "padding": 1, "slope": round(0.01 * (1 << SLOPE_BITS))},
+                       {"transposed": False, "stride": 1, "padding": 1}]}
+    return {
+        "w0": rng.integers(-3000, 3000, (4, 4, 3, 3)).astype(np.int32),
+        "shift0": np.full(4, 10, np.int64),
+        "bias0": rng.integers(-5000, 5000, (4, 5, 5)).astype(np.int64),
+        "w1": rng.integers(-3000, 3000, (12, 4, 3, 3)).astype(np.int32),
+        "out_shift": np.full(12, 14, np.int64),
+        "thresholds": np.floor(SCALES[None, :-1].astype(np.float64) * 2.0**14).astype(np.int64).repeat(6, 0),
+        "meta": np.array(json.dumps(meta)),
+    }
+
+
+def _recrc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def main() -> None:
+    from splitbits.runtime.hyper_int import IntHyperParams
+
+    rng = np.random.default_rng(20240601)
+    z_tables, y_tables, fp_tables = _tables(rng, 4, 1.5), _tables(rng, len(SCALES), 0.8), _tables(rng, 6, 2.0)
+    arrays = {}
+    for name, t in (("z", z_tables), ("y", y_tables), ("fp", fp_tables)):
+        arrays.update({f"{name}_cdf": t.cdf, f"{name}_length": t.length, f"{name}_offset": t.offset})
+    arrays.update(z_medians=rng.normal(0, 0.3, 4).astype(np.float32),
+                  fp_medians=rng.normal(0, 0.3, 6).astype(np.float32),
+                  scale_table=SCALES, fingerprint=np.frombuffer(FP8, np.uint8))
+    np.savez(HERE / "fuzz_bundle.npz", **arrays)
+    hyper = _hyper_arrays(rng)
+    np.savez(HERE / "hyper_int.npz", **hyper)
+    params = IntHyperParams.load(HERE / "hyper_int.npz")
+
+    for old in HERE.glob("*.bin"):
+        old.unlink()
+    files: dict[str, bytes] = {}
+    zidx = np.broadcast_to(np.arange(4, dtype=np.int32)[:, None, None], Z_SHAPE)
+    yidx_fp = np.broadcast_to(np.arange(6, dtype=np.int32)[:, None, None], Y_SHAPE)
+    for coder_name in ("numba", "constriction"):
+        coder = get_coder(coder_name)
+        for k, zsym in enumerate([rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
+                                  rng.integers(-100, 100, Z_SHAPE)]):
+            zsym = zsym.astype(np.int32)
+            idx, _ = params.index_means(zsym)
+            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
+            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
+            blobs = [coder.encode(zsym, zidx, z_tables), coder.encode(ysym, idx, y_tables)]
+            p = pkt.Packet("mshp", coder.coder_id, FP8, [Z_SHAPE, Y_SHAPE], blobs, index_checksum(idx),
+                           pkt.FLAG_INT_HYPER)
+            files[f"valid-mshp-{coder_name}-{k}"] = pkt.pack(p)
+        ysym = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
+        ysym.flat[3] = np.iinfo(np.int32).max
+        files[f"valid-fp-{coder_name}"] = pkt.pack(pkt.Packet("fp", coder.coder_id, FP8, [Y_SHAPE],
+                                                              [coder.encode(ysym, yidx_fp, fp_tables)]))
+    base = files["valid-mshp-numba-0"]
+    fpbase = files["valid-fp-numba"]
+    head = pkt._HEAD.size + 2 * pkt._SECTION.size
+    bad: dict[str, bytes] = {
+        "bad-empty": b"", "bad-magic": b"XXXX" + base[4:], "bad-truncated-header": base[:10],
+        "bad-truncated-body": base[:-7], "bad-one-byte-short": base[:-1], "bad-trailing-byte": base + b"\x00",
+        "bad-crc": base[:-1] + bytes([base[-1] ^ 0x55]),
+        "bad-version": _recrc(base[:4] + bytes([2]) + base[5:-4]),
+        "bad-wrong-bundle": _recrc(base[:8] + b"\x00" * 8 + base[16:-4]),
+        "bad-family": _recrc(base[:5] + bytes([1]) + base[6:-4]),
+        "bad-coder-id": _recrc(base[:6] + bytes([9]) + base[7:-4]),
+        "bad-sections": _recrc(base[:20] + bytes([3]) + base[21:-4]),
+        "bad-shape": _recrc(base[:21] + struct.pack("<H", 5) + base[23:-4]),
+        "bad-section-length": _recrc(base[:27] + struct.pack("<I", 10**6) + base[31:-4]),
+        "bad-idx-crc": _recrc(base[:16] + b"\x01\x02\x03\x04" + base[20:-4]),
+        "bad-oversized": pkt.pack(pkt.Packet("mshp", 2, FP8, [Z_SHAPE, Y_SHAPE], [b"\x00" * 10, b"\x00" * 6000])),
+        "bad-fp-as-mshp-flag": _recrc(fpbase[:7] + bytes([1]) + fpbase[8:-4]),
+        "bad-unknown-flag": _recrc(base[:7] + bytes([0x81]) + base[8:-4]),
+    }
+    # hostile blobs behind a valid CRC: the coders must refuse them
+    zlen = struct.unpack_from("<I", base, pkt._HEAD.size + 6)[0]
+    zblob = base[head:head + zlen]
+    hostile_z = {
+        "bad-blob-lanes": bytes([7]) + zblob[1:], "bad-blob-state-bytes": bytes([0x38]) + zblob[1:],
+        "bad-blob-high-bits": bytes([zblob[0] | 0x80]) + zblob[1:], "bad-blob-small-state": bytes([0, 1, 0, 0]),
+        "bad-blob-random": rng.integers(0, 256, zlen, dtype=np.uint8).tobytes(),
+        "bad-blob-zero": b"\x00" * zlen, "bad-blob-ff": b"\xff" * zlen, "bad-blob-truncated": zblob[:-1],
+        "bad-blob-extended": zblob + b"\x00\x00\x00\x00", "bad-blob-empty": b"",
+        "bad-blob-overlong-escape": zblob + b"\xff" * 6,
+    }
+    for name, blob in hostile_z.items():
+        rest = base[head + zlen:-4]
+        sec = struct.pack("<HHHI", *Z_SHAPE, len(blob))
+        body = base[:pkt._HEAD.size] + sec + base[pkt._HEAD.size + 10:head] + blob + rest
+        bad[name] = _recrc(body)
+    for i in range(40):  # random single-bit flips with the CRC fixed up
+        b = bytearray(base[:-4])
+        pos = int(rng.integers(head, len(b)))
+        b[pos] ^= 1 << int(rng.integers(0, 8))
+        bad[f"flip-{i:02d}-at-{pos}"] = _recrc(bytes(b))
+    files.update(bad)
+    for name, data in files.items():
+        (HERE / f"{name}.bin").write_bytes(data)
+    print(f"wrote {len(files)} packets to {HERE}")
+
+
+if __name__ == "__main__":
+    main()
