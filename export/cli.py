@@ -28,14 +28,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
                    help="engine precision; GDN and entropy-model inputs stay FP32, hyper is always FP32")
     t.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
-    t.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
+    t.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (None: --max-batch)")
     t.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")
     t.add_argument("--graphs", default=None, help="comma-separated subset of head,hyper,tail")
     typing = t.add_mutually_exclusive_group()
     typing.add_argument("--strongly-typed", dest="strongly_typed", action="store_true", default=None,
-                        help="precision from the ONNX types (mixed FP16 ONNX); the only mode of TensorRT 11")
-    typing.add_argument("--weakly-typed", dest="strongly_typed", action="store_false",
-                        help="builder flags + per-layer FP32 pins (TensorRT 10)")
+                        help="precision from the ONNX types (mixed FP16 ONNX); the only mode of TensorRT 11. "
+                        "None: weak for fp32/fp16 on TensorRT 10, strong for int8 and on TensorRT 11")
+    typing.add_argument("--weakly-typed", dest="strongly_typed", action="store_false", default=None,
+                        help="builder flags + per-layer FP32 pins (TensorRT 10 only)")
     t.add_argument("--calib", type=int, default=64, help="INT8: calibration images from --dataset")
     t.add_argument("--calib-split", default="train", help="INT8: dataset split for calibration")
     t.add_argument("--calib-inputs", metavar="FILE.npz", help="INT8: calibration images from a file instead")
