@@ -27,6 +27,9 @@ def run_warmup(args: argparse.Namespace) -> int:
             report[name] = f"unavailable: {exc}"
             continue
         report[name] = f"{(time.perf_counter() - t) * 1e3:.0f} ms"
+        cache_info = getattr(get_coder(name), "cache_info", None)
+        if cache_info is not None:  # the numba coder: JIT cache on disk (misses = compiled now)
+            report[f"{name}_jit_cache"] = cache_info()
     if args.bundle:
         from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 

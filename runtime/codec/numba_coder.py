@@ -508,6 +508,15 @@ class NumbaCoder(EntropyCoder):
         idx = _as_int32(index, "index")
         return self._decode([blob], idx, np.array([0, idx.size], np.int64), tables)
 
+    @staticmethod
+    def cache_info() -> dict[str, object]:
+        """Where the compiled kernels are cached on disk, and how many came from there (hits) or were
+        compiled in this process (misses)."""
+        kernels = (_encode_kernel, _decode_kernel, _slot_table)
+        return {"dir": kernels[0].stats.cache_path,
+                "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+                "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels)}
+
     def warmup(self) -> None:
         """Load (or compile, then cache on disk) every kernel with the types used in production."""
         cdf = np.array([[0, 30000, 65535, 65536, 65536], [0, 1, 2, 3, 65536]], np.int32)
