@@ -1,0 +1,38 @@
+"""Helpers shared by the attack tests: a tiny 12-class MSHP student saved as a checkpoint + its bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def textured_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a, b, c = rng.random(3)
+        base = np.stack([np.sin(6 * a * xx + 3 * b * yy), np.cos(5 * b * yy), np.sin(4 * c * (xx + yy))], -1)
+        img = 127 + 80 * base + rng.normal(0, 20, (size, size, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def make_student(root: Path, family: str = "mshp", seed: int = 0) -> tuple[Path, Path]:
+    """An untrained tiny student with entropy tables, saved to ``root`` with an exported bundle."""
+    import torch
+
+    from splitbits.export.bundle import export_bundle
+    from splitbits.trainer.checkpoint import save_checkpoint
+    from splitbits.trainer.models import ModelSpec, build_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec(arch="tiny", family=family, num_classes=12, input_size=64)
+    model = build_model(spec).eval()
+    model.update_entropy_tables(force=True)
+    ckpt = save_checkpoint(root / f"student_{family}.pt", model, spec, kind="student",
+                           config={"student": {"beta": 0.16}}, metrics={"finished": True})
+    bundle = export_bundle(model, root / f"bundle_{family}", images=textured_images(4), overwrite=True,
+                           source=str(ckpt)).path
+    return ckpt, bundle
