@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from splitbits.export.precision import PinPlan, check_onnx, plan_fp32, profile_shapes, quantize_qdq, to_mixed_fp16
+from splitbits.runtime.backends.base import Backend
 from splitbits.runtime.backends.onnxruntime import OrtBackend, OrtSession
 from splitbits.runtime.backends.tensorrt import (
     ENGINE_DIR,
@@ -316,6 +317,23 @@ def build_engine(trt: Any, onnx_path: Path, plan: PinPlan, precision: str, typin
     return engine, pinned
 
 
+class EnginesUnderTest(Backend):
+    """TensorRT for the graphs just built, ONNX Runtime (CPU) for the bundle's other graphs, so a
+    partial build (``--graphs tail``) is verified end to end too."""
+
+    name = "tensorrt"
+
+    def __init__(self, trt_backend: Backend, graphs: list[str]) -> None:
+        self.trt_backend, self.graphs = trt_backend, set(graphs)
+        self.ort = OrtBackend()
+
+    def load(self, bundle: Bundle, graph: str):
+        return (self.trt_backend if graph in self.graphs else self.ort).load(bundle, graph)
+
+    def describe(self) -> dict[str, str]:
+        return {**self.trt_backend.describe(), "built": ",".join(sorted(self.graphs))}
+
+
 def register_engines(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> None:
     """Add engine entries to the manifest (atomically); files and fingerprint are untouched."""
     mpath = bundle_path / MANIFEST
@@ -409,7 +427,7 @@ def build_engines(bundle_path: str | Path, opts: TrtBuildOptions, *, trt: Any = 
 
     from splitbits.runtime.backends.tensorrt import TrtBackend
 
-    be = TrtBackend(precision=opts.precision, trt=trt, cuda=cuda, device=device)
+    be = EnginesUnderTest(TrtBackend(precision=opts.precision, trt=trt, cuda=cuda, device=device), graphs)
     rep = _verify(bundle_path, be, opts.precision, opts.tol)
     result.verification = rep.to_dict()
     result.ok = rep.ok

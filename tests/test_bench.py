@@ -149,7 +149,7 @@ def test_bench_desktop_emulation_json_schema(tiny_bundles, inputs_npz, tmp_path)
     assert r["schema"] == "splitbits.bench/1" and r["status"] == "ok"
     assert r["verification"]["ok"] and r["verification"]["backend"] == "onnxruntime"
     assert r["images"] == 20 and r["inputs"]["count"] == 10
-    for stage in bench.STAGES + ("edge_total", "server_total", "end_to_end"):
+    for stage in (*bench.STAGES, "edge_total", "server_total", "end_to_end"):
         s = r["latency_ms"][stage]
         assert s["n"] == 20 and 0 <= s["p50"] <= s["p90"] <= s["p99"]
     assert r["latency_ms"]["link.transmit"]["mean"] == pytest.approx(r["bytes"]["packet"]["mean"] * 8 / 10e6 * 1e3,
@@ -229,7 +229,7 @@ def test_corruption_without_the_attacks_package_is_a_clear_error(monkeypatch, im
     from splitbits.runtime.inputs import apply_corruption
 
     monkeypatch.setitem(sys.modules, "splitbits.attacks.corruptions", None)  # import now fails
-    with pytest.raises(SplitbitsError, match="--inputs FILE.npz"):
+    with pytest.raises(SplitbitsError, match=r"--inputs FILE\.npz"):
         apply_corruption(images, "shot_noise", 3)
 
 

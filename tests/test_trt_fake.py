@@ -72,7 +72,8 @@ def test_trt10_fp16_weak_typing_pins_gdn_and_entropy_feeders(bundle_copy, fakes,
     # manifest: engines by device/version/precision with sha256, outside the fingerprint
     bundle = load_bundle(b)
     engines = bundle.engines()
-    assert set(engines) == {f"head.{SLUG}.trt10.3.0.fp16", f"hyper.{SLUG}.trt10.3.0.fp32", f"tail.{SLUG}.trt10.3.0.fp16"}
+    assert set(engines) == {f"head.{SLUG}.trt10.3.0.fp16", f"hyper.{SLUG}.trt10.3.0.fp32",
+                            f"tail.{SLUG}.trt10.3.0.fp16"}
     for e in engines.values():
         assert (b / e["file"]).is_file() and len(e["sha256"]) == 64 and e["verification"]["ok"]
         assert e["max_batch"] == 4 and e["opt_batch"] == 2
@@ -105,8 +106,17 @@ def test_int8_is_explicit_qdq_and_reports_symbol_differences(bundle_copy, fakes)
     assert set(load_bundle(b).engines()) >= {f"head.{SLUG}.trt10.3.0.int8", f"hyper.{SLUG}.trt10.3.0.fp32"}
 
 
+def test_partial_build_is_verified_with_onnxruntime_for_the_other_graphs(bundle_copy, fakes):
+    trt, cuda, _ = fakes
+    b = bundle_copy("fp")
+    res = _build(b, trt, cuda, precision="fp16", max_batch=16, graphs=["tail"])
+    assert res.ok and [g.graph for g in res.graphs] == ["tail"]
+    assert set(load_bundle(b).engines()) == {f"tail.{SLUG}.trt10.3.0.fp16"}
+    assert load_bundle(b).engines()[f"tail.{SLUG}.trt10.3.0.fp16"]["max_batch"] == 16
+
+
 def test_tensorrt_backend_runs_engines_like_onnxruntime(bundle_copy, fakes, images):
-    trt, cuda, cudart = fakes
+    trt, cuda, _ = fakes
     b = bundle_copy("mshp")
     _build(b, trt, cuda, precision="fp32", max_batch=2)
     be = TrtBackend(precision="fp32", trt=trt, cuda=cuda)
@@ -120,7 +130,7 @@ def test_tensorrt_backend_runs_engines_like_onnxruntime(bundle_copy, fakes, imag
     np.testing.assert_allclose(batched, ort_dec.decode_batch(packets), atol=1e-5)
     desc = be.describe()  # (MSHP bundles with hyper_int.npz run hyper on the integer path, not an engine)
     assert {"head=fp32", "tail=fp32"} <= set(desc["precision"].split(",")) and desc["cuda"] == "cuda-python"
-    with pytest.raises(BackendError, match="outside the engine's profile|engine expects"):
+    with pytest.raises(BackendError, match=r"outside the engine's profile|engine expects"):
         dec.tail.run({"y_hat": np.zeros((1, 3, 2, 2), np.float32)})
 
 

@@ -208,7 +208,8 @@ def test_engine_names():
     assert version_tag("10.3.0.30") == "10.3.0" and version_tag("11.0") == "11.0.0"
     assert engine_filename("head", slug, "10.3.0.30", "fp16") == \
         "engines/head.nvidia-jetson-agx-orin-developer-kit.trt10.3.0.fp16.engine"
-    assert timing_cache_filename(slug, "10.3.0.30") == "engines/nvidia-jetson-agx-orin-developer-kit.trt10.3.0.timing.cache"
+    assert timing_cache_filename(slug, "10.3.0.30") == \
+        "engines/nvidia-jetson-agx-orin-developer-kit.trt10.3.0.timing.cache"
     with pytest.raises(ValueError):
         engine_key("head", slug, "10.3", "bf16")
 

@@ -24,14 +24,14 @@ MAGIC = b"FAKETRT1"
 class FakeCudart:
     """The subset of ``cuda.bindings.runtime`` used by ``CudaPython``."""
 
-    class cudaError_t:  # noqa: N801 - mirrors cuda-python's names
+    class cudaError_t:
         cudaSuccess = 0
 
-    class cudaMemcpyKind:  # noqa: N801
+    class cudaMemcpyKind:
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
-    class cudaStreamCaptureMode:  # noqa: N801
+    class cudaStreamCaptureMode:
         cudaStreamCaptureModeGlobal = 0
 
     def __init__(self, name: bytes = b"Fake GPU") -> None:
@@ -42,30 +42,30 @@ class FakeCudart:
         self.copies = 0
         self._streams = 0
 
-    def cudaMalloc(self, n):  # noqa: N802
+    def cudaMalloc(self, n):
         buf = np.zeros(n, np.uint8)
         self.buffers[buf.ctypes.data] = buf
         return 0, buf.ctypes.data
 
-    cudaMallocHost = cudaMalloc  # noqa: N815
+    cudaMallocHost = cudaMalloc
 
-    def cudaFree(self, p):  # noqa: N802
+    def cudaFree(self, p):
         self.buffers.pop(int(p))
         return (0,)
 
-    cudaFreeHost = cudaFree  # noqa: N815
+    cudaFreeHost = cudaFree
 
-    def cudaStreamCreate(self):  # noqa: N802
+    def cudaStreamCreate(self):
         self._streams += 1
         return 0, 1000 + self._streams
 
-    def cudaStreamDestroy(self, s):  # noqa: N802
+    def cudaStreamDestroy(self, s):
         return (0,)
 
-    def cudaStreamSynchronize(self, s):  # noqa: N802
+    def cudaStreamSynchronize(self, s):
         return (0,)
 
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
         def op():
             ctypes.memmove(int(dst), int(src), int(n))
             self.copies += 1
@@ -79,34 +79,34 @@ class FakeCudart:
         else:
             op()
 
-    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+    def cudaStreamBeginCapture(self, stream, mode):
         self.capturing[int(stream)] = []
         return (0,)
 
-    def cudaStreamEndCapture(self, stream):  # noqa: N802
+    def cudaStreamEndCapture(self, stream):
         return 0, types.SimpleNamespace(ops=self.capturing.pop(int(stream)))
 
-    def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
+    def cudaGraphInstantiate(self, graph, flags):
         return 0, types.SimpleNamespace(ops=list(graph.ops))
 
-    def cudaGraphLaunch(self, graph_exec, stream):  # noqa: N802
+    def cudaGraphLaunch(self, graph_exec, stream):
         self.launches += 1
         for op in graph_exec.ops:
             op()
         return (0,)
 
-    def cudaGraphDestroy(self, g):  # noqa: N802
+    def cudaGraphDestroy(self, g):
         return (0,)
 
-    cudaGraphExecDestroy = cudaGraphDestroy  # noqa: N815
+    cudaGraphExecDestroy = cudaGraphDestroy
 
-    def cudaGetDeviceProperties(self, dev):  # noqa: N802
+    def cudaGetDeviceProperties(self, dev):
         return 0, types.SimpleNamespace(name=self.name)
 
-    def cudaMemGetInfo(self):  # noqa: N802
+    def cudaMemGetInfo(self):
         return 0, 1 << 30, 8 << 30
 
-    def cudaGetErrorName(self, err):  # noqa: N802
+    def cudaGetErrorName(self, err):
         return 0, b"cudaErrorFake"
 
 
