@@ -1,0 +1,248 @@
+"""Datasets: the builtin generator (determinism, splits, classes), folder readers and their errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splitbits.runtime.datasets import (
+    BUILTIN_CLASSES,
+    BuiltinDataset,
+    DatasetError,
+    ImageDataset,
+    jpeg_size,
+    mean_jpeg_bytes,
+    open_dataset,
+)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLITBITS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def _digest(ds: ImageDataset, n: int) -> str:
+    h = hashlib.sha256()
+    for i in range(n):
+        img, label = ds[i]
+        h.update(img.tobytes() + label.to_bytes(2, "little"))
+    return h.hexdigest()
+
+
+# -- builtin --------------------------------------------------------------------------------
+
+
+def test_builtin_items_have_the_documented_shape_and_labels() -> None:
+    ds = open_dataset("builtin", "val", limit=30)
+    assert isinstance(ds, ImageDataset) and len(ds) == 30
+    assert ds.classes == BUILTIN_CLASSES and ds.class_names == BUILTIN_CLASSES
+    assert len(ds.classes) >= 10
+    img, label = ds[13]
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert label == 13 % len(BUILTIN_CLASSES)
+    assert list(ds.labels()) == [i % len(BUILTIN_CLASSES) for i in range(30)]
+    assert ds[-1][1] == ds[29][1]
+    with pytest.raises(IndexError):
+        ds[30]
+
+
+def test_builtin_is_deterministic_for_a_seed_and_differs_across_seeds() -> None:
+    a = _digest(open_dataset("builtin:seed=3", "train", limit=12), 12)
+    b = _digest(BuiltinDataset(seed=3, split="train", limit=12, cache=False), 12)
+    c = _digest(open_dataset("builtin:seed=4", "train", limit=12), 12)
+    assert a == b
+    assert a != c
+
+
+def test_builtin_is_identical_in_a_fresh_process() -> None:
+    code = (
+        "import hashlib;from splitbits.runtime.datasets import open_dataset;"
+        "ds=open_dataset('builtin:seed=5','val',limit=6);"
+        "print(hashlib.sha256(b''.join(ds[i][0].tobytes() for i in range(6))).hexdigest())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    ds = open_dataset("builtin:seed=5", "val", limit=6)
+    assert out == hashlib.sha256(b"".join(ds[i][0].tobytes() for i in range(6))).hexdigest()
+
+
+def test_builtin_splits_are_disjoint() -> None:
+    train = open_dataset("builtin", "train", limit=60)
+    val = open_dataset("builtin", "val", limit=60)
+    th = {hashlib.sha256(train[i][0].tobytes()).digest() for i in range(60)}
+    vh = {hashlib.sha256(val[i][0].tobytes()).digest() for i in range(60)}
+    assert len(th) == 60 and len(vh) == 60
+    assert not th & vh
+
+
+def test_builtin_images_carry_texture_and_all_classes_are_drawn() -> None:
+    ds = open_dataset("builtin", "val", limit=24)
+    imgs = np.stack([ds[i][0] for i in range(24)]).astype(np.float64)
+    # natural-photo backgrounds: plenty of local variation, not flat colour fields
+    grad = np.abs(np.diff(imgs, axis=2)).mean()
+    assert grad > 4.0
+    assert len(set(ds.labels().tolist())) == len(BUILTIN_CLASSES)
+
+
+def test_builtin_full_split_is_cached_and_reloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLITBITS_CACHE", str(tmp_path))
+    first = open_dataset("builtin:seed=1&val=40", "val")
+    files = list((tmp_path / "datasets").glob("builtin-*.npy"))
+    assert len(files) == 1 and not list((tmp_path / "datasets").glob("*.tmp"))
+    second = open_dataset("builtin:seed=1,val=40", "val")
+    assert second._images is not None
+    assert _digest(first, 40) == _digest(second, 40) == _digest(BuiltinDataset(1, "val", size=40, cache=False), 40)
+
+
+def test_builtin_other_image_size() -> None:
+    img, _ = open_dataset("builtin", "val", image_size=32, limit=2)[1]
+    assert img.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "split", "match"),
+    [
+        ("builtin", "test", "splits train and val"),
+        ("builtin:sead=1", "val", "unknown option 'sead'"),
+        ("builtin:seed=x", "val", "seed must be an integer"),
+        ("nosuch:thing", "val", "unknown dataset scheme 'nosuch'"),
+        ("", "val", "empty dataset spec"),
+        ("imagefolder:", "val", "give a path"),
+        ("imagefolder:/definitely/not/here", "val", "path not found"),
+        ("imagenet-c:/definitely/not/here", "val", "path not found"),
+    ],
+)
+def test_bad_specs_raise_clear_errors(spec: str, split: str, match: str) -> None:
+    with pytest.raises(DatasetError, match=match):
+        open_dataset(spec, split)
+
+
+def test_bad_limit_and_size() -> None:
+    with pytest.raises(DatasetError, match="limit"):
+        open_dataset("builtin", "val", limit=0)
+    with pytest.raises(DatasetError, match="image_size"):
+        open_dataset("builtin", "val", image_size=8, limit=1)
+
+
+def test_runtime_datasets_do_not_import_torch() -> None:
+    code = (
+        "import sys, splitbits.runtime, splitbits.runtime.datasets as d;"
+        "d.open_dataset('builtin','val',limit=2)[0];"
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- folder datasets -----------------------------------------------------------------------
+
+
+def _write(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_imagefolder_with_splits(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for c, colour in (("n01", (255, 0, 0)), ("n02", (0, 255, 0))):
+            for k in range(3):
+                _write(tmp_path / split / c / f"img{k}.JPEG", (40 + 10 * k, 30), colour)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01 red thing, scarlet\nn02 green thing\n")
+    ds = open_dataset(f"imagefolder:{tmp_path}", "val", image_size=16)
+    assert len(ds) == 6 and ds.classes == ["n01", "n02"]
+    assert ds.class_names == ["red thing", "green thing"]
+    assert list(ds.labels()) == [0, 1, 0, 1, 0, 1]  # round-robin over classes
+    img, label = ds[0]
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8 and label == 0
+    assert img[8, 8, 0] > 200 and img[8, 8, 1] < 50
+    assert ds.meta(1)["path"].endswith("img0.JPEG")
+    raw = open_dataset(f"imagefolder:{tmp_path}", "train", raw=True)
+    assert raw[4][0].shape == (30, 60, 3)
+    assert len(open_dataset(f"imagefolder:{tmp_path}", "train", limit=3)) == 3
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        open_dataset(f"imagefolder:{tmp_path}", "test")
+    with pytest.raises(DatasetError, match="unknown split"):
+        open_dataset(f"imagefolder:{tmp_path}", "validation")
+
+
+def test_imagefolder_resize_and_center_crop(tmp_path: Path) -> None:
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :50] = 255  # white band on the left is cropped away by the center crop
+    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "a.png").rename(tmp_path / "cls" / "a.png")
+    out, _ = open_dataset(f"imagefolder:{tmp_path}", "val", image_size=56)[0]
+    assert out.shape == (56, 56, 3) and out.max() == 0
+
+
+def test_imagefolder_flat_layout_and_errors(tmp_path: Path) -> None:
+    _write(tmp_path / "flat" / "cat" / "a.png", (8, 8), (1, 2, 3))
+    _write(tmp_path / "flat" / "dog" / "b.png", (8, 8), (1, 2, 3))
+    ds = open_dataset(f"imagefolder:{tmp_path / 'flat'}", "train", image_size=8)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 2
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images"):
+        open_dataset(f"imagefolder:{tmp_path / 'empty'}")
+    (tmp_path / "noclasses").mkdir()
+    with pytest.raises(DatasetError, match="no class folders"):
+        open_dataset(f"imagefolder:{tmp_path / 'noclasses'}")
+    (tmp_path / "broken" / "cls").mkdir(parents=True)
+    (tmp_path / "broken" / "cls" / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="cannot read image"):
+        open_dataset(f"imagefolder:{tmp_path / 'broken'}")[0]
+
+
+def _imagenet_c_tree(root: Path) -> None:
+    for corruption in ("gaussian_noise", "contrast"):
+        for severity in (1, 3):
+            for c in ("n01", "n02"):
+                for k in range(2):
+                    _write(root / corruption / str(severity) / c / f"{k}.JPEG", (24, 24), (severity * 50, 0, 0))
+
+
+def test_imagenet_c_selection(tmp_path: Path) -> None:
+    _imagenet_c_tree(tmp_path)
+    all_ = open_dataset(f"imagenet-c:{tmp_path}", image_size=24)
+    assert len(all_) == 2 * 2 * 2 * 2 and all_.classes == ["n01", "n02"]
+    assert all_.corruptions == ["contrast", "gaussian_noise"] and all_.severities == [1, 3]
+    sel = open_dataset(f"imagenet-c:{tmp_path}?corruption=gaussian_noise&severity=3", image_size=24)
+    assert len(sel) == 4
+    assert {(sel.meta(i)["corruption"], sel.meta(i)["severity"]) for i in range(4)} == {("gaussian_noise", 3)}
+    assert sel[0][0][0, 0, 0] == 150
+    two = open_dataset(f"imagenet-c:{tmp_path}?corruption=contrast,gaussian_noise&severity=1", limit=3)
+    assert len(two) == 3 and two[0][0].shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("?corruption=fog", "no corruption 'fog'"),
+        ("?severity=2", "no severity 2"),
+        ("?severity=9", "severities are 1..5"),
+        ("?severity=high", "severity must be an integer"),
+        ("?corruptions=fog", "unknown option 'corruptions'"),
+        ("?corruption", "expected key=value"),
+    ],
+)
+def test_imagenet_c_errors(tmp_path: Path, query: str, match: str) -> None:
+    _imagenet_c_tree(tmp_path)
+    with pytest.raises(DatasetError, match=match):
+        open_dataset(f"imagenet-c:{tmp_path}{query}")
+
+
+def test_imagenet_c_is_eval_only(tmp_path: Path) -> None:
+    _imagenet_c_tree(tmp_path)
+    with pytest.raises(DatasetError, match="only evaluation images"):
+        open_dataset(f"imagenet-c:{tmp_path}", "train")
+
+
+def test_jpeg_reference_sizes() -> None:
+    ds = open_dataset("builtin", "val", limit=4)
+    sizes = [jpeg_size(ds[i][0], 75) for i in range(4)]
+    assert all(s > 200 for s in sizes)
+    assert mean_jpeg_bytes(ds, 75) == pytest.approx(np.mean(sizes))
+    assert jpeg_size(ds[0][0], 30) < jpeg_size(ds[0][0], 95)
