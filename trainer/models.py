@@ -323,7 +323,7 @@ def default_bottleneck(arch: str, family: str) -> dict[str, Any]:
         if family == "fp":
             kw = {"encoder_channel_sizes": [3, 64, 64, 64], "decoder_channel_sizes": [64, 288, 144, 144]}
     else:
-        kw = {"num_bottleneck_channels": 12, "num_target_channels": 32}
+        kw = {"num_bottleneck_channels": 12}  # num_target_channels follows tiny_widths[0]
     if family == "mshp":
         kw["num_latent_channels"] = 16 if arch != "tiny" else 8
     return kw
