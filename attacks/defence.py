@@ -67,8 +67,16 @@ class DefenceConfig:
 
     @property
     def label(self) -> str:
-        """Short display name, e.g. ``oatv`` or ``jpeg75``."""
-        return f"jpeg{self.quality}" if self.name == "jpeg" else self.name
+        """Short display name: ``oatv``, ``jpeg75``, or with non-default options ``oatv(lam=0.3,alpha=0.06)``."""
+        if self.name == "jpeg":
+            return f"jpeg{self.quality}"
+        if self.name == "none":
+            return "none"
+        base = DefenceConfig(name=self.name)
+        keys = ("iterations", "lam", "alpha", "tv_delta") + (("mask_floor", "mask_gamma") if self.name == "oatv"
+                                                             else ())
+        diff = [f"{k}={getattr(self, k):g}" for k in keys if getattr(self, k) != getattr(base, k)]
+        return f"{self.name}({','.join(diff)})" if diff else self.name
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

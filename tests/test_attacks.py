@@ -309,7 +309,8 @@ def test_runner_real_bytes_rise(student) -> None:
     assert att.attack["loss_rose"] and att.attack["linf_levels"] <= 8
     assert att.inputs is not None and att.inputs.dtype == np.uint8
     assert np.abs(att.inputs.astype(int) - imgs.astype(int)).max() <= 8
-    assert set(att.defended) == {"none", "oatv"} and att.defended["oatv"].defence_ms > 0
+    assert set(att.defended) == {"none", "oatv(iterations=10)"}
+    assert att.defended["oatv(iterations=10)"].defence_ms > 0
     # bytes equal len(packet) of the runtime for the same inputs
     pk, _ = meter.packets(att.inputs)
     assert [len(p) for p in pk] == att.defended["none"].bytes.tolist()

@@ -55,6 +55,7 @@ def _config(student, **over) -> dict:
     ({"corruptions": {"names": ["fog"], "severity": [1]}}, "unknown key"),
     ({"defences": ["none", "median"]}, "unknown defence"),
     ({"defences": [{"name": "oatv", "lamda": 0.1}]}, "did you mean 'lam'"),
+    ({"defences": ["oatv", {"name": "oatv"}]}, "listed twice"),
     ({"limit": 0}, "limit must be"),
     ({"limit": "ten"}, "limit must be int"),
     ({"models": []}, "at least one"),
@@ -74,7 +75,7 @@ def test_config_file_and_example(tmp_path, student) -> None:
     p.write_text(yaml.safe_dump(_config(student)))
     c = load_campaign(p)
     assert [pt.threat for pt in c.points] == ["clean", "pgd-e", "noise", "corruption"]  # clean added
-    assert [d.label for d in c.defences] == ["none", "oatv"]
+    assert [d.label for d in c.defences] == ["none", "oatv(iterations=5)"]
     assert len(plan_units(c)) == 4 * 2
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
@@ -140,7 +141,7 @@ def test_resume_after_interruption(student, tmp_path) -> None:
     assert pts[("clean", "none")]["delta_bytes_pct"] == 0.0
     assert pts[("pgd-e", "none")]["n"] == 6 and pts[("pgd-e", "none")]["loss_rose"] is True
     md = (out / "report.md").read_text()
-    assert "Clean / attacked / defended (oatv)" in md and "pgd-e" in md
+    assert "Clean / attacked / defended (oatv(iterations=5))" in md and "pgd-e" in md
 
     # a different frame (limit) in the same folder is refused
     with pytest.raises(CampaignError, match="different dataset"):
@@ -182,7 +183,7 @@ def test_attack_cli_json_and_save_inputs(student, tmp_path, capsys) -> None:
     assert rc == 0
     r = json.loads(js.read_text())
     assert r["checks"]["loss_rose"] is True and r["checks"]["linf_within_eps"] is True
-    assert set(r["results"]["attacked"]) == {"none", "oatv"}
+    assert set(r["results"]["attacked"]) == {"none", "oatv(iterations=5)"}
     att = r["results"]["attacked"]["none"]
     assert att["bytes_mean"] == pytest.approx(np.mean(att["per_image"]["bytes"]))
     assert "surrogate_bytes_mean" in att and "loadavg_1_5_15" in r["machine"]
