@@ -288,7 +288,7 @@ def test_huge_hostile_blob_is_bounded_by_the_latent_size():
 def test_kernels_are_cached_on_disk():
     from numba.core.caching import NullCache
 
-    for kernel in (nc._encode_kernel, nc._decode_kernel, nc._slot_table):
+    for kernel in (nc._encode_kernel, nc._decode_kernel, nc._bucket_table):
         assert not isinstance(kernel._cache, NullCache), kernel
 
 

@@ -14,8 +14,10 @@ as it needs keep the fixed cost of a section to ~5 bytes.) Optionally ``K = 2**l
 are interleaved (symbol ``i`` uses state ``i mod K``) over one shared word stream, which gives the
 CPU independent dependency chains; measured on this project's latents it buys ~+20 % speed for ~6
 bytes per extra state, so the default is one state per packet section (``LANE_POLICY``). Decoding
-uses a per-table slot→symbol lookup table (``2**precision`` entries per table, uint16), never a
-scan of the CDF.
+looks the symbol up in a per-table bucket table (the symbol at every ``2**(precision−12)``-th
+slot, uint16, 8 KiB per table so that the tables of a trained model's many scales stay in cache;
+a full ``2**precision`` slot table is 16× larger and made decoding cache-miss bound), then steps
+over the few CDF boundaries inside the bucket; never a scan of the CDF.
 
 Blob layout (all little-endian)::
 
@@ -53,6 +55,7 @@ RANS_L_BITS = 23
 RANS_L = 1 << RANS_L_BITS  # lower end of the state interval [L, L << 32)
 STATE_BYTES = (RANS_L_BITS + 32 + 7) // 8  # bytes of a full final state
 MAX_LANES_LOG2 = 5
+BUCKET_BITS = 12  # decoder lookup: 2**12 buckets per table
 # Interleaving by latent size, as (at least this many symbols, lanes_log2). Each extra state costs
 # ~6 bytes and one state already beats the speed targets (`splitbits bench codec --lanes 0 1 2`),
 # so it is one state everywhere; the decoder reads any 0..MAX_LANES_LOG2.
@@ -245,11 +248,15 @@ def _read_word(buf, pos, end):  # pragma: no cover - jitted
 
 
 @njit(**_JIT)
-def _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec, out, esc_pos, x):
+def _decode_one(buf, pos, end, idx, start, n, k, fs, cdf, buckets, length, offset, prec, out, esc_pos, x):
     """rANS-decode ``n`` symbols from the words at ``buf[pos:end]``; returns (n_esc, end of words, error)."""
     lanes = np.int64(1) << k
     pr = np.uint64(prec)
     mask = np.uint64((1 << prec) - 1)
+    bits = 0
+    while (np.int64(1) << bits) < buckets.shape[1]:
+        bits += 1
+    bshift = np.uint64(prec - bits)
     num_tables = length.size
     wp = pos  # next word
     n_esc = 0
@@ -260,7 +267,9 @@ def _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec
             if t < 0 or t >= num_tables:
                 return n_esc, wp, 4
             slot = x0 & mask
-            v = np.int64(slots[t, slot])
+            v = np.int64(buckets[t, slot >> bshift])
+            while cdf[t, v + 1] <= slot:  # at most a bucket's width of steps (valid tables)
+                v += 1
             e = np.uint64(fs[t, v])
             x0 = (e >> _U16) * (x0 >> pr) + slot - (e & _M16)
             if x0 < _L:
@@ -279,7 +288,9 @@ def _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec
             j = i & (lanes - 1)
             xj = x[j]
             slot = xj & mask
-            v = np.int64(slots[t, slot])
+            v = np.int64(buckets[t, slot >> bshift])
+            while cdf[t, v + 1] <= slot:
+                v += 1
             e = np.uint64(fs[t, v])
             xj = (e >> _U16) * (xj >> pr) + slot - (e & _M16)
             if xj < _L:
@@ -299,7 +310,7 @@ def _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec
 
 
 @njit(**_JIT)
-def _decode_kernel(buf, boffs, idx, offs, fs, slots, length, offset, prec):  # pragma: no cover - jitted
+def _decode_kernel(buf, boffs, idx, offs, fs, cdf, buckets, length, offset, prec):  # pragma: no cover - jitted
     """Decode blobs ``buf[boffs[b]:boffs[b+1]]`` into ``offs[b+1]-offs[b]`` symbols each.
 
     Returns (symbols, error code per blob); a blob with an error leaves its symbols undefined.
@@ -344,8 +355,8 @@ def _decode_kernel(buf, boffs, idx, offs, fs, slots, length, offset, prec):  # p
             errs[b] = 3
             continue
         # -- symbols
-        n_esc, pos, err = _decode_one(buf, pos, end, idx, start, n, k, fs, slots, length, offset, prec, out,
-                                      esc_pos, x)
+        n_esc, pos, err = _decode_one(buf, pos, end, idx, start, n, k, fs, cdf, buckets, length, offset, prec,
+                                      out, esc_pos, x)
         if err:
             errs[b] = err
             continue
@@ -365,15 +376,19 @@ def _decode_kernel(buf, boffs, idx, offs, fs, slots, length, offset, prec):  # p
 
 
 @njit(**_JIT)
-def _slot_table(cdf, length, prec):  # pragma: no cover - jitted
-    """slot → symbol for every table: ``slots[t, cdf[t, v]:cdf[t, v + 1]] = v``."""
+def _bucket_table(cdf, length, prec, bits):  # pragma: no cover - jitted
+    """``buckets[t, j]`` = the symbol of table ``t`` whose interval holds slot ``j << (prec − bits)``."""
     num_tables = length.size
-    slots = np.zeros((num_tables, np.int64(1) << prec), np.uint16)
+    shift = prec - bits
+    buckets = np.zeros((num_tables, np.int64(1) << bits), np.uint16)
     for t in range(num_tables):
-        for v in range(length[t] - 1):
-            for s in range(cdf[t, v], cdf[t, v + 1]):
-                slots[t, s] = v
-    return slots
+        v = 0
+        for j in range(np.int64(1) << bits):
+            s = j << shift
+            while cdf[t, v + 1] <= s:
+                v += 1
+            buckets[t, j] = v
+    return buckets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +399,8 @@ def _slot_table(cdf, length, prec):  # pragma: no cover - jitted
 @dataclass(frozen=True)
 class _Prepared:
     fs: np.ndarray  # uint32 [T, Lmax-1]: start | freq << 16
-    slots: np.ndarray  # uint16 [T, 2**precision]
+    cdf: np.ndarray  # int32 [T, Lmax] (validated)
+    buckets: np.ndarray  # uint16 [T, 2**bits]
     length: np.ndarray  # int32 [T]
     offset: np.ndarray  # int32 [T]
     prec: np.int64
@@ -404,8 +420,10 @@ def prepare(tables: CdfTables) -> _Prepared:
         raise ValueError("tables with more than 65535 symbols are not supported by the numba coder")
     freq = np.diff(cdf, axis=1)
     fs = np.ascontiguousarray(((cdf[:, :-1] & 0xFFFF) | (np.clip(freq, 0, 0xFFFF) << 16)).astype(np.uint32))
-    slots = _slot_table(np.ascontiguousarray(tables.cdf), tables.length, np.int64(tables.precision))
-    prep = _Prepared(fs, slots, tables.length, tables.offset, np.int64(tables.precision))
+    cdf32 = np.ascontiguousarray(tables.cdf, dtype=np.int32)
+    bits = min(BUCKET_BITS, tables.precision)
+    buckets = _bucket_table(cdf32, tables.length, np.int64(tables.precision), np.int64(bits))
+    prep = _Prepared(fs, cdf32, buckets, tables.length, tables.offset, np.int64(tables.precision))
     _prepared[key] = (weakref.ref(tables, lambda _r, k=key: _prepared.pop(k, None)), prep)
     return prep
 
@@ -421,11 +439,13 @@ def _as_int32(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def _concat(arrays: Sequence[np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
-    flat = [_as_int32(a, what) for a in arrays]
-    offs = np.zeros(len(flat) + 1, np.int64)
-    np.cumsum([a.size for a in flat], out=offs[1:])
-    data = flat[0] if len(flat) == 1 else (np.concatenate(flat) if flat else np.zeros(0, np.int32))
-    return data, offs
+    """The arrays flattened back to back as one int32 array, and their offsets (one C call each)."""
+    sizes = np.fromiter((np.size(a) for a in arrays), np.int64, len(arrays))
+    offs = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(sizes, out=offs[1:])
+    if len(arrays) == 1:
+        return _as_int32(arrays[0], what), offs
+    return _as_int32(np.concatenate(arrays, axis=None), what), offs
 
 
 def _readonly_bytes(blobs: Sequence[bytes | memoryview]) -> np.ndarray:
@@ -451,19 +471,24 @@ class NumbaCoder(EntropyCoder):
     def _encode(self, sym: np.ndarray, idx: np.ndarray, offs: np.ndarray, tables: CdfTables) -> list[bytes]:
         p = prepare(tables)
         sizes = np.diff(offs)
-        lanes = np.array([self.lanes_log2 if self.lanes_log2 is not None else lanes_log2_for(int(n))
-                          for n in sizes], np.int64)
+        if self.lanes_log2 is not None:
+            lanes = np.full(sizes.size, self.lanes_log2, np.int64)
+        else:
+            thresholds = np.array([t for t, _ in LANE_POLICY], np.int64)
+            choice = np.array([k for _, k in LANE_POLICY], np.int64)
+            lanes = choice[np.maximum(np.searchsorted(thresholds, sizes, side="right") - 1, 0)]
         out, out_offs, err = _encode_kernel(sym, idx, offs, lanes, p.fs, p.length, p.offset, p.prec)
         if err:
             raise ValueError(f"table index outside 0..{tables.num_tables - 1}")
-        return [out[out_offs[b]:out_offs[b + 1]].tobytes() for b in range(len(sizes))]
+        o = out_offs.tolist()
+        return [out[o[b]:o[b + 1]].tobytes() for b in range(sizes.size)]
 
     def _decode(self, blobs: Sequence[bytes | memoryview], idx: np.ndarray, offs: np.ndarray,
                 tables: CdfTables) -> np.ndarray:
         p = prepare(tables)
         boffs = np.zeros(len(blobs) + 1, np.int64)
-        np.cumsum([len(b) for b in blobs], out=boffs[1:])
-        out, errs = _decode_kernel(_readonly_bytes(blobs), boffs, idx, offs, p.fs, p.slots, p.length,
+        np.cumsum(np.fromiter((len(b) for b in blobs), np.int64, len(blobs)), out=boffs[1:])
+        out, errs = _decode_kernel(_readonly_bytes(blobs), boffs, idx, offs, p.fs, p.cdf, p.buckets, p.length,
                                    p.offset, p.prec)
         bad = np.flatnonzero(errs)
         if bad.size:
@@ -495,7 +520,8 @@ class NumbaCoder(EntropyCoder):
             return []
         idx, offs = _concat(index, "index")
         out = self._decode(blobs, idx, offs, tables)
-        return [out[offs[b]:offs[b + 1]] for b in range(len(blobs))]
+        o = offs.tolist()
+        return [out[o[b]:o[b + 1]] for b in range(len(blobs))]
 
     # -- single latent ----------------------------------------------------------------------------
     def encode(self, symbols: np.ndarray, index: np.ndarray, tables: CdfTables) -> bytes:
@@ -512,7 +538,7 @@ class NumbaCoder(EntropyCoder):
     def cache_info() -> dict[str, object]:
         """Where the compiled kernels are cached on disk, and how many came from there (hits) or were
         compiled in this process (misses)."""
-        kernels = (_encode_kernel, _decode_kernel, _slot_table)
+        kernels = (_encode_kernel, _decode_kernel, _bucket_table)
         return {"dir": kernels[0].stats.cache_path,
                 "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
                 "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels)}
