@@ -75,15 +75,15 @@ class IntLayer:
         k, s, p = self.k, self.stride, self.padding
         x = a.astype(np.float64)
         if self.transposed:
-            # cols[co, ky, kx, i] = Σ_ci w[ci, co, ky, kx] · x[ci, i]; then scatter-add (col2im)
-            cols = (self.weight.reshape(cin, -1).T @ x.reshape(cin, -1)).astype(np.int64)
-            cols = cols.reshape(self.cout, k, k, h, w)
-            full = np.zeros((self.cout, (h - 1) * s + k, (w - 1) * s + k), np.int64)
+            # cols[co, ky, kx, i] = Σ_ci w[ci, co, ky, kx] · x[ci, i]; then scatter-add (col2im). An output
+            # sums at most cin·k² products, so these float64 sums are exact too (the bound in load()).
+            cols = (self.weight.reshape(cin, -1).T @ x.reshape(cin, -1)).reshape(self.cout, k, k, h, w)
+            full = np.zeros((self.cout, (h - 1) * s + k, (w - 1) * s + k))
             for ky in range(k):
                 for kx in range(k):
                     full[:, ky:ky + (h - 1) * s + 1:s, kx:kx + (w - 1) * s + 1:s] += cols[:, ky, kx]
             ho, wo = self.out_hw(h, w)
-            return full[:, p:p + ho, p:p + wo]
+            return full[:, p:p + ho, p:p + wo].astype(np.int64)
         if p:
             x = np.pad(x, ((0, 0), (p, p), (p, p)))
         win = sliding_window_view(x, (k, k), axis=(1, 2))[:, ::s, ::s]  # [Cin, Ho, Wo, k, k]
