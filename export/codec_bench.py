@@ -14,8 +14,9 @@ C++ rANS with the table lists built once (``compressai_core``, its bare coder) a
 its users call it (``GaussianConditional.compress`` / ``decompress`` with the exported tables:
 ``compressai``, the issue's reference, which converts the tables to lists on every call). All run
 single-threaded. Timings interleave the coders within each repeat so machine noise hits all
-alike; figures are medians over (repeat × image) of the thread's CPU time — one core's work, with
-preemption by other processes on a shared machine excluded — with wall-clock medians beside.
+alike; figures are medians over (repeat × image) of the process' CPU time — one core's work, with
+preemption by other processes on a shared machine excluded; torch, BLAS and ONNX Runtime run on one
+thread — with wall-clock medians beside.
 Bytes are ``len()`` of the blobs, next to the ideal −Σlog₂p under the exported tables (escapes at
 their escape bytes).
 
@@ -406,7 +407,7 @@ def _hyper_times(params, z_symbols: np.ndarray, make_float: Callable[[str], Call
             wf.append(w2 - w1)
     return {"int_ms": 1e-6 * float(np.median(ti)), "float_onnxruntime_ms": 1e-6 * float(np.median(tf)),
             "wall_int_ms": 1e3 * float(np.median(wi)), "wall_float_onnxruntime_ms": 1e3 * float(np.median(wf)),
-            "clock": "thread CPU time, median (wall time beside)"}
+            "clock": "process CPU time, median (wall time beside)"}
 
 
 def bundle_set(path: str, count: int, accuracy_images: int, dataset: str, hyper_repeats: int) -> LatentSet:
@@ -480,7 +481,7 @@ def _bundle_hyper_costs(bundle, images: np.ndarray, labels: np.ndarray | None, r
 
 @dataclass
 class CoderRun:
-    """Per-image seconds: thread CPU time (what one core spends; preemption by other processes on a
+    """Per-image seconds: process CPU time (what one core spends; preemption by other processes on a
     shared machine excluded) and wall time."""
 
     enc_cpu: list[float] = field(default_factory=list)
@@ -498,7 +499,9 @@ class CoderRun:
 
 
 def _clocks() -> tuple[int, float]:
-    return time.thread_time_ns(), time.perf_counter()
+    # process CPU time: every thread of this process counts (torch, BLAS and ONNX Runtime are set to
+    # one thread, so this is one core's work), other processes' preemption does not
+    return time.process_time_ns(), time.perf_counter()
 
 
 def _per_image(coder: Any, ls: LatentSet, run: CoderRun, check: bool) -> None:
@@ -677,6 +680,10 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     machine = _machine()
     blas_one = _blas_threads(1)
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(1)
     coders: dict[str, Any] = {"numba": NumbaCoder()}
     notes: list[str] = []
     try:
@@ -706,10 +713,11 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine, "versions": _versions(),
         "settings": {"images": args.images, "bundle_images": args.bundle_images, "repeats": args.repeats,
                      "slow_repeats": args.slow_repeats, "accuracy_images": args.accuracy_images,
-                     "lanes": args.lanes, "blas_threads_limited_to_1": blas_one,
+                     "lanes": args.lanes, "blas_threads_limited_to_1": blas_one, "torch_threads": 1,
                      "threads": "every coder single-threaded; figures are per image, medians over repeats × images",
-                     "clock": "encode_ms/decode_ms and M sym/s are thread CPU time (time.thread_time_ns), i.e. one "
-                              "core's work with preemption by other processes excluded; wall_* and best_wall_* beside"},
+                     "clock": "encode_ms/decode_ms and M sym/s are process CPU time (time.process_time_ns) with "
+                              "torch, BLAS and ONNX Runtime on one thread, i.e. one core's work with preemption by "
+                              "other processes excluded; wall_* and best_wall_* beside"},
         "targets": TARGETS, "notes": notes, "sets": {},
     }
     for ls in sets:
