@@ -634,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=int, nargs="*", default=[0, 1, 2],
                    help="numba interleavings to compare, as log2(states) (default 0 1 2)")
     p.add_argument("--no-compressai", action="store_true", help="skip compressai's coders")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for compressai's model API (default 1: one core; 0: torch's default)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurement")
     return p
 
@@ -680,10 +682,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     machine = _machine()
     blas_one = _blas_threads(1)
+    torch_threads = 0
     with contextlib.suppress(ImportError):
         import torch
 
-        torch.set_num_threads(1)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        torch_threads = torch.get_num_threads()
     coders: dict[str, Any] = {"numba": NumbaCoder()}
     notes: list[str] = []
     try:
@@ -713,7 +718,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine, "versions": _versions(),
         "settings": {"images": args.images, "bundle_images": args.bundle_images, "repeats": args.repeats,
                      "slow_repeats": args.slow_repeats, "accuracy_images": args.accuracy_images,
-                     "lanes": args.lanes, "blas_threads_limited_to_1": blas_one, "torch_threads": 1,
+                     "lanes": args.lanes, "blas_threads_limited_to_1": blas_one, "torch_threads": torch_threads,
                      "threads": "every coder single-threaded; figures are per image, medians over repeats × images",
                      "clock": "encode_ms/decode_ms and M sym/s are process CPU time (time.process_time_ns) with "
                               "torch, BLAS and ONNX Runtime on one thread, i.e. one core's work with preemption by "
