@@ -76,6 +76,9 @@ _ERRORS = {
 }
 
 
+_ONE_LANES = [np.full(1, k, np.int64) for k in range(MAX_LANES_LOG2 + 1)]  # read-only by the kernel
+
+
 def lanes_log2_for(n: int) -> int:
     """Interleaving (log2 of the number of rANS states) for a latent of ``n`` symbols."""
     k = 0
@@ -470,18 +473,21 @@ class NumbaCoder(EntropyCoder):
 
     def _encode(self, sym: np.ndarray, idx: np.ndarray, offs: np.ndarray, tables: CdfTables) -> list[bytes]:
         p = prepare(tables)
-        sizes = np.diff(offs)
-        if self.lanes_log2 is not None:
-            lanes = np.full(sizes.size, self.lanes_log2, np.int64)
+        count = offs.size - 1
+        if count == 1:  # the common call: no per-call array building
+            k = self.lanes_log2 if self.lanes_log2 is not None else lanes_log2_for(int(offs[1]))
+            lanes = _ONE_LANES[k]
+        elif self.lanes_log2 is not None:
+            lanes = np.full(count, self.lanes_log2, np.int64)
         else:
-            thresholds = np.array([t for t, _ in LANE_POLICY], np.int64)
-            choice = np.array([k for _, k in LANE_POLICY], np.int64)
-            lanes = choice[np.maximum(np.searchsorted(thresholds, sizes, side="right") - 1, 0)]
+            lanes = np.array([lanes_log2_for(int(n)) for n in np.diff(offs)], np.int64)
         out, out_offs, err = _encode_kernel(sym, idx, offs, lanes, p.fs, p.length, p.offset, p.prec)
         if err:
             raise ValueError(f"table index outside 0..{tables.num_tables - 1}")
+        if count == 1:
+            return [out[: out_offs[1]].tobytes()]
         o = out_offs.tolist()
-        return [out[o[b]:o[b + 1]].tobytes() for b in range(sizes.size)]
+        return [out[o[b]:o[b + 1]].tobytes() for b in range(count)]
 
     def _decode(self, blobs: Sequence[bytes | memoryview], idx: np.ndarray, offs: np.ndarray,
                 tables: CdfTables) -> np.ndarray:
