@@ -138,12 +138,13 @@ def plots(recs: list[dict[str, Any]], out: Path) -> dict[str, str]:
         sevs = sorted({r["severity"] for r in cor})
         fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 0.9 * len(sevs) + 3) * len(panels),
                                                           0.38 * len(names) + 1.8), squeeze=False)
+        deltas = [abs(r["delta_bytes_pct"]) for r in cor if np.isfinite(r["delta_bytes_pct"])]
+        lim = max([1.0, *deltas])  # one colour scale for every panel
         for ax, ((mname, mid), d) in zip(axes[0], panels):
             grid = np.full((len(names), len(sevs)), np.nan)
             for r in cor:
                 if r["model_id"] == mid and r["defence"] == d:
                     grid[names.index(r["corruption"]), sevs.index(r["severity"])] = r["delta_bytes_pct"]
-            lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
             im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
             for i in range(len(names)):
                 for j in range(len(sevs)):

@@ -12,7 +12,7 @@ import yaml
 
 pytest.importorskip("torch")
 
-from attacks_support import make_student
+from attacks_support import make_student, textured_images
 
 from splitbits.attacks import campaign as camp
 from splitbits.attacks.campaign import CampaignError, load_campaign, parse_campaign, plan_units, run_campaign
@@ -259,7 +259,6 @@ def test_demo_section(student, tmp_path) -> None:
 
     ckpt, bundle = student
     model, _ = load_model(ckpt)
-    from attacks_support import textured_images
 
     imgs = textured_images(6, seed=2)
     res = attack_section(model, bundle, imgs, np.arange(6, dtype=np.int64) % 12, tmp_path, progress=False,
@@ -268,3 +267,28 @@ def test_demo_section(student, tmp_path) -> None:
     json.dumps(res)
     assert [r["input"] for r in res["rows"]][:4] == ["clean", "PGD-E ε=8/255", "PGD-Acc ε=8/255", "noise ±8/255"]
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_pregenerated_imagenet_c_layout(student, tmp_path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "inc"
+    imgs = textured_images(4, seed=5)
+    for sev in (1, 2):
+        for k, cls in enumerate(("n01", "n02")):
+            d = root / "contrast" / str(sev) / cls
+            d.mkdir(parents=True)
+            for j in range(2):
+                Image.fromarray(imgs[2 * k + j]).save(d / f"{j}.png")
+    c = parse_campaign(_config(student, threats=[], limit=4, chunk=4,
+                               corruptions={"names": ["contrast"], "severities": [1, 2],
+                                            "source": f"imagenet-c:{root}"}))
+    out = tmp_path / "o"
+    s = run_campaign(c, out, progress=False)
+    assert s["computed"] == 3  # clean + contrast:1 + contrast:2
+    rep = json.loads((out / "report.json").read_text())
+    levels = {p["level"] for p in rep["points"] if p["threat"] == "corruption"}
+    assert levels == {"contrast:1", "contrast:2"}
+    assert all(p["n"] == 4 for p in rep["points"])
+    with pytest.raises(CampaignError, match="source"):
+        parse_campaign(_config(student, corruptions={"names": ["fog"], "source": "/data/inc"}))
