@@ -81,8 +81,13 @@ def test_config_file_and_example(tmp_path, student) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(CampaignError, match="not valid YAML"):
         load_campaign(bad)
-    example = Path(camp.__file__).parent / "campaigns" / "example.yaml"
-    raw = yaml.safe_load(example.read_text())
+    shipped = sorted((Path(camp.__file__).parent / "campaigns").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"example.yaml", "targets.yaml"}
+    for path in shipped:  # every shipped config is valid (with a model that exists here)
+        raw = yaml.safe_load(path.read_text())
+        raw["models"] = [str(student[0])]
+        parse_campaign(raw)
+    raw = yaml.safe_load((Path(camp.__file__).parent / "campaigns" / "example.yaml").read_text())
     raw["models"] = [str(student[0])]
     c = parse_campaign(raw)
     assert {p.threat for p in c.points} >= {"clean", "pgd-e", "pgd-acc", "noise", "pgd-e-lowfreq", "pgd-e-region",
