@@ -330,9 +330,13 @@ class ResultStore:
     def set_meta(self, key: str, value: str) -> None:
         self.con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def done_units(self, expected_rows: int) -> set[str]:
-        rows = self.con.execute("SELECT unit_key, COUNT(*) FROM results GROUP BY unit_key").fetchall()
-        return {k for k, c in rows if c >= expected_rows}
+    def done_units(self, defences: Iterable[str]) -> set[str]:
+        """Units that have a row for every one of ``defences`` (labels)."""
+        need = set(defences)
+        have: dict[str, set[str]] = {}
+        for unit, d in self.con.execute("SELECT unit_key, defence FROM results"):
+            have.setdefault(unit, set()).add(d)
+        return {u for u, ds in have.items() if need <= ds}
 
     def write_unit(self, rows: list[dict[str, Any]]) -> None:
         cols = list(rows[0])
@@ -414,6 +418,12 @@ def _model_id(path: str) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()[:12]
+
+
+def current_points(c: Campaign, model_ids: list[str] | None = None) -> set[str]:
+    """``model_id|point key`` of every grid point of this config (what its report covers)."""
+    mids = model_ids if model_ids is not None else [_model_id(m["path"]) for m in c.models]
+    return {f"{mid}|{p.key()}" for mid in mids for p in c.points}
 
 
 def plan_units(c: Campaign) -> list[Unit]:
@@ -501,8 +511,7 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
         data.get(t.model.spec.input_size)
     units = plan_units(c)
     mine = [u for i, u in enumerate(units) if i % world == rank]
-    ndef = len(c.defences)
-    done = store.done_units(ndef)
+    done = store.done_units(d.label for d in c.defences)
     todo = [u for u in mine if u.key(targets[u.model_index][1]) not in done]
     log.info("campaign %s: %d units, shard %d/%d has %d, %d already stored, %d to run",
              c.config["name"], len(units), rank, world, len(mine), len(mine) - len(todo), len(todo))
@@ -546,7 +555,9 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
     if all(status.get(r) == "done" for r in range(world)):  # the last shard to finish writes the report
         from splitbits.attacks.report import write_report
 
-        summary["report"] = {k: str(v) for k, v in write_report(store, out, title=c.config["name"]).items()}
+        files = write_report(store, out, title=c.config["name"], points=current_points(c, [m for _, m in targets]),
+                             defences={d.label for d in c.defences})
+        summary["report"] = {k: str(v) for k, v in files.items()}
     else:
         waiting = [r for r in range(world) if status.get(r) != "done"]
         log.info("shards %s still running; the last one to finish writes the report", waiting)

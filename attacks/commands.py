@@ -176,7 +176,7 @@ def attack_command(args: argparse.Namespace) -> int:
 
 
 def campaign_command(args: argparse.Namespace) -> int:
-    from splitbits.attacks.campaign import CampaignError, load_campaign, plan_units, run_campaign
+    from splitbits.attacks.campaign import CampaignError, current_points, load_campaign, plan_units, run_campaign
     from splitbits.attacks.report import write_report
     from splitbits.attacks.runner import TargetError
     from splitbits.runtime.report import write_json
@@ -190,7 +190,8 @@ def campaign_command(args: argparse.Namespace) -> int:
         db = out / "results.sqlite"
         if not db.is_file():
             raise CliError(f"no results in {out} (nothing to report)")
-        files = write_report(db, out, title=c.config["name"])
+        files = write_report(db, out, title=c.config["name"], points=current_points(c),
+                             defences={d.label for d in c.defences})
         print(f"wrote {files['markdown']} and {files['html']}")
         return 0
     units = plan_units(c)

@@ -24,13 +24,25 @@ SUMMARY_HEADERS = ["model", "threat", "ε / corruption", "defence", "n", "bytes"
                    "top-1 %", "Δ top-1 pt", "edge ms p50", "defence ms/img", "loss rose"]
 
 
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pool chunk rows into one record per (model, threat, level, defence), with Δ against clean."""
+def point_of(row: dict[str, Any]) -> str:
+    """``model_id|point key`` of a stored row (its unit key without the chunk)."""
+    return str(row["unit_key"]).rsplit("|chunk", 1)[0]
+
+
+def aggregate(rows: list[dict[str, Any]], points: set[str] | None = None,
+              defences: set[str] | None = None) -> list[dict[str, Any]]:
+    """Pool chunk rows into one record per (model, grid point, defence), with Δ against clean.
+
+    ``points`` (``model_id|point key`` strings) keeps only the rows of the current config, so rows
+    left by an earlier config with other attack parameters in the same store are not mixed in;
+    ``defences`` (labels) likewise.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["model_id"], r["threat"], r["level"], r["defence"])].append(r)
+        if (points is None or point_of(r) in points) and (defences is None or r["defence"] in defences):
+            groups[(r["model_id"], point_of(r), r["threat"], r["level"], r["defence"])].append(r)
     recs = []
-    for (mid, threat, level, defence), rs in groups.items():
+    for (mid, _point, threat, level, defence), rs in groups.items():
         data = [json.loads(r["data"]) for r in rs]
         b = np.concatenate([d["bytes"] for d in data]).astype(np.float64)
         s = np.concatenate([d["surrogate_bytes"] for d in data]).astype(np.float64)
@@ -202,14 +214,18 @@ def render(recs: list[dict[str, Any]], files: dict[str, str], title: str) -> tup
     return "\n".join(md) + "\n", page
 
 
-def write_report(store: Any, out: str | Path, title: str = "campaign") -> dict[str, Path]:
-    """Aggregate ``store`` (a ResultStore or a path to results.sqlite) into out/report.{md,html,json} + PNGs."""
+def write_report(store: Any, out: str | Path, title: str = "campaign",
+                 points: set[str] | None = None, defences: set[str] | None = None) -> dict[str, Path]:
+    """Aggregate ``store`` (a ResultStore or a path to results.sqlite) into out/report.{md,html,json} + PNGs.
+
+    ``points``, ``defences``: see :func:`aggregate` (None: every stored row).
+    """
     from splitbits.attacks.campaign import ResultStore
 
     own = not hasattr(store, "rows")
     st = ResultStore(store) if own else store
     try:
-        recs = aggregate(st.rows())
+        recs = aggregate(st.rows(), points, defences)
     finally:
         if own:
             st.close()

@@ -297,3 +297,21 @@ def test_pregenerated_imagenet_c_layout(student, tmp_path) -> None:
     assert all(p["n"] == 4 for p in rep["points"])
     with pytest.raises(CampaignError, match="source"):
         parse_campaign(_config(student, corruptions={"names": ["fog"], "source": "/data/inc"}))
+
+
+def test_changed_config_reuses_and_reports_only_current_points(student, tmp_path) -> None:
+    base = {"limit": 3, "chunk": 3, "corruptions": None, "threats": [{"name": "pgd-e", "eps": [8], "steps": 1,
+                                                                      "eot": 2}]}
+    out = tmp_path / "o"
+    run_campaign(parse_campaign(_config(student, **base)), out, progress=False)
+    base["threats"][0]["steps"] = 2  # another attack: new rows, the old ones stay stored but unreported
+    s = run_campaign(parse_campaign(_config(student, **base)), out, progress=False)
+    assert s["computed"] == 1 and s["skipped"] == 1  # clean is reused
+    pts = json.loads((out / "report.json").read_text())["points"]
+    assert sorted(p["threat"] for p in pts if p["defence"] == "none") == ["clean", "pgd-e"]
+    assert all(p["n"] == 3 for p in pts)
+    base["defences"] = ["none", "jpeg"]  # a defence that is not stored yet: its units run again
+    s = run_campaign(parse_campaign(_config(student, **base)), out, progress=False)
+    assert s["computed"] == 2
+    pts = json.loads((out / "report.json").read_text())["points"]
+    assert {p["defence"] for p in pts} == {"none", "jpeg75"}
