@@ -77,6 +77,8 @@ _OPTIM = {
     "grad_clip": Field(FLOAT, None, "clip the gradient norm to this value", nullable=True, check=_positive),
     "limit_batches": Field(INT, None, "stop each epoch after this many batches (smoke tests)",
                            nullable=True, check=_positive),
+    "batch_size": Field(INT, None, "training batch size of this stage; null: data.batch_size", nullable=True,
+                        check=_positive),
     "eval_every": Field(INT, 0, "also evaluate every N epochs (0: only at the end)", check=_non_negative),
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,17 @@ class Loaders:
     image_size: int
     classes: list[str]
     class_names: list[str]
+    world: int = 1
+    train_kwargs: dict[str, Any] | None = None
+
+    def with_batch_size(self, batch_size: int | None) -> Loaders:
+        """The same loaders with another training batch size (same dataset, sampler and shuffling)."""
+        if not batch_size or batch_size == self.train.batch_size or self.train_kwargs is None:
+            return self
+        ds = self.train.dataset
+        train = DataLoader(ds, batch_size=batch_size, drop_last=len(ds) // self.world >= batch_size,  # type: ignore[arg-type]
+                           **self.train_kwargs)
+        return replace(self, train=train)
 
     def set_epoch(self, epoch: int) -> None:
         sampler = self.train.sampler
@@ -161,12 +172,12 @@ def build_loaders(data_cfg: dict[str, Any], seed: int = 0, rank: int = 0, world:
     else:
         train_sampler = RandomSampler(train_t, generator=g)
     batch = data_cfg["batch_size"]
-    train = DataLoader(train_t, batch_size=batch, sampler=train_sampler,
-                       drop_last=len(train_t) // world >= batch, **collate, **common)
+    train_kwargs = {"sampler": train_sampler, **collate, **common}
+    train = DataLoader(train_t, batch_size=batch, drop_last=len(train_t) // world >= batch, **train_kwargs)
     val = DataLoader(val_t, batch_size=data_cfg["eval_batch_size"], sampler=ShardSampler(len(val_t), rank, world),
                      **({"collate_fn": _identity} if isinstance(val_t, InMemoryDataset) else {}), **common)
     return Loaders(train, val, train_ds, val_ds, augment if augment == "light" else "none", size,
-                   list(train_ds.classes), list(train_ds.class_names))
+                   list(train_ds.classes), list(train_ds.class_names), world, train_kwargs)
 
 
 def light_augment(x: Tensor, generator: torch.Generator | None = None, shift: int = 4) -> Tensor:
@@ -193,10 +204,10 @@ def light_augment(x: Tensor, generator: torch.Generator | None = None, shift: in
 
 
 def prepare_batch(x: Tensor, device: torch.device, augment: str = "none",
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, channels_last: bool = False) -> Tensor:
     """Move a batch to ``device`` as float32 in [0, 1] (uint8 input is divided by 255), then augment."""
     x = x.to(device, non_blocking=True)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if augment == "light":
         x = light_augment(x, generator)
-    return x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

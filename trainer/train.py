@@ -81,6 +81,7 @@ class RunContext:
     local_rank: int = 0
     progress: bool = False
     owns_process_group: bool = False
+    channels_last: bool = False  # NHWC activations: ~1.6x faster convolutions on CPU (oneDNN)
 
     @property
     def main(self) -> bool:
@@ -113,7 +114,7 @@ def setup_run(device: str | None = None, threads: int | None = None, progress: b
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
     show = bool(progress) and rank == 0 and sys.stderr.isatty()
-    return RunContext(dev, rank, world, local, show, owns)
+    return RunContext(dev, rank, world, local, show, owns, channels_last=dev.type == "cpu")
 
 
 def _teardown(ctx: RunContext) -> None:
@@ -205,6 +206,11 @@ def _steps_per_epoch(loaders: Loaders, cfg: dict[str, Any]) -> int:
     return min(n, cfg["limit_batches"]) if cfg["limit_batches"] else n
 
 
+def _to_device(model: nn.Module, ctx: RunContext) -> nn.Module:
+    model = model.to(ctx.device)
+    return model.to(memory_format=torch.channels_last) if ctx.channels_last else model
+
+
 def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
@@ -288,7 +294,7 @@ def evaluate(model: nn.Module, loaders: Loaders, ctx: RunContext, teacher: nn.Mo
     sums = [0.0] * (3 + len(names))  # n, correct, teacher correct, bits per term
     task = bar.task(desc, len(loaders.val)) if bar else None
     for x, y in loaders.val:
-        x = prepare_batch(x, ctx.device)
+        x = prepare_batch(x, ctx.device, channels_last=ctx.channels_last)
         y = y.to(ctx.device)
         if split:
             out = model.forward_train(x, noise=False)
@@ -415,7 +421,8 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
     if mcfg["tiny_widths"] is not None:
         spec.tiny_widths = tuple(mcfg["tiny_widths"])
     spec.validate()
-    model = TeacherClassifier(spec).to(ctx.device)
+    loaders = loaders.with_batch_size(tcfg["batch_size"])
+    model = _to_device(TeacherClassifier(spec), ctx)
     net = _ddp(model, ctx)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tcfg)
     spe = _steps_per_epoch(loaders, tcfg)
@@ -441,7 +448,7 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
             task = bar.task(f"teacher {epoch + 1}/{epochs}", spe)
             tot = [0.0, 0.0, 0.0]
             for x, y in _iterate(loaders.train, spe):
-                x = prepare_batch(x, ctx.device, loaders.augment, aug_gen)
+                x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
                 y = y.to(ctx.device)
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=tcfg["label_smoothing"])
@@ -451,10 +458,11 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
                     nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
                 opt.step()
                 sched.step()
-                tot[0] += float(loss) * len(y)
-                tot[1] += float((logits.argmax(1) == y).sum())
+                lv = loss.item()
+                tot[0] += lv * len(y)
+                tot[1] += (logits.detach().argmax(1) == y).sum().item()
                 tot[2] += len(y)
-                bar.advance(task, f"loss {float(loss):.3f}")
+                bar.advance(task, f"loss {lv:.3f}")
             bar.done(task)
             tot = _all_reduce(tot, ctx)
             stats = {"loss": tot[0] / max(tot[2], 1), "train_top1": 100 * tot[1] / max(tot[2], 1),
@@ -648,7 +656,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
     teacher = load_teacher(teacher_ckpt, config, config["model"]["num_classes"], data_cfg["image_size"])
     if data_cfg["image_size"] is None:
         data_cfg["image_size"] = teacher.spec.input_size
-    loaders = build_loaders(data_cfg, seed, ctx.rank, ctx.world, ctx.device.type == "cuda")
+    loaders = base_loaders = build_loaders(data_cfg, seed, ctx.rank, ctx.world, ctx.device.type == "cuda")
     if len(loaders.classes) != teacher.spec.num_classes:
         raise TrainError(f"the teacher has {teacher.spec.num_classes} classes, {data_cfg['dataset']} has "
                          f"{len(loaders.classes)}")
@@ -656,10 +664,10 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
         teacher.spec.class_names = loaders.class_names
     spec = student_spec(config, teacher.spec)
     student = build_student(spec, teacher=teacher.net)
-    teacher = teacher.to(ctx.device).eval()
+    teacher = _to_device(teacher, ctx).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = student.to(ctx.device)
+    student = _to_device(student, ctx)
     stages = rest_stage_names(spec.arch) if s1["distill"] == "all" else []
     aug_gen = torch.Generator().manual_seed(seed * 1000 + ctx.rank + 1)
     gens = {"sampler": _sampler_generator(loaders), "augment": aug_gen}
@@ -689,6 +697,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
             quantiles = [p for n, p in bl.named_parameters() if n.endswith("quantiles")]
             qnames = [f"student.bottleneck_layer.{n}" for n, _ in bl.named_parameters() if n.endswith("quantiles")]
             net = _ddp(Stage1Net(student, stages), ctx, ignore=qnames)
+            loaders = base_loaders.with_batch_size(s1["batch_size"])
             opt = make_optimizer(params, s1)
             aux_opt = torch.optim.Adam(quantiles, lr=s1["aux_lr"])
             spe = _steps_per_epoch(loaders, s1)
@@ -705,7 +714,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                 task = bar.task(f"stage 1 {epoch + 1}/{s1['epochs']}", spe)
                 tot = [0.0, 0.0, 0.0, 0.0]
                 for x, _y in _iterate(loaders.train, spe):
-                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen)
+                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
                     with torch.no_grad():
                         h = teacher.split_features(x)
                         targets = [h]
@@ -731,11 +740,11 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                             q.grad /= ctx.world
                     aux_opt.step()
                     n = len(x)
-                    tot[0] += float(mse)
-                    tot[1] += float(bits)
-                    tot[2] += float(aux) * n
+                    tot[0] += mse.item()
+                    tot[1] += bits.item()
+                    tot[2] += aux.item() * n
                     tot[3] += n
-                    bar.advance(task, f"mse/img {float(mse) / n:.3g} bits/img {float(bits) / n:.0f}")
+                    bar.advance(task, f"mse/img {mse.item() / n:.3g} bits/img {bits.item() / n:.0f}")
                 bar.done(task)
                 tot = _all_reduce(tot, ctx)
                 n = max(tot[3], 1.0)
@@ -769,6 +778,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
         if stage == "stage2" and budget > 0:
             params = _set_stage(student, "stage2")
             net = _ddp(Stage2Net(student), ctx)
+            loaders = base_loaders.with_batch_size(s2["batch_size"])
             opt = make_optimizer(params, s2)
             spe = _steps_per_epoch(loaders, s2)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s2, spe))
@@ -782,7 +792,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                 task = bar.task(f"stage 2 {epoch + 1}/{s2['epochs']}", spe)
                 tot = [0.0, 0.0, 0.0]
                 for x, y in _iterate(loaders.train, spe):
-                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen)
+                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
                     y = y.to(ctx.device)
                     with torch.no_grad():
                         t_logits = teacher(x)
@@ -794,10 +804,11 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                         nn.utils.clip_grad_norm_(params, s2["grad_clip"])
                     opt.step()
                     sched.step()
-                    tot[0] += float(loss) * len(y)
-                    tot[1] += float((logits.argmax(1) == y).sum())
+                    lv = loss.item()
+                    tot[0] += lv * len(y)
+                    tot[1] += (logits.detach().argmax(1) == y).sum().item()
                     tot[2] += len(y)
-                    bar.advance(task, f"loss {float(loss):.3f}")
+                    bar.advance(task, f"loss {lv:.3f}")
                 bar.done(task)
                 tot = _all_reduce(tot, ctx)
                 n = max(tot[2], 1.0)
