@@ -6,26 +6,14 @@ import os
 
 import numpy as np
 import pytest
+from support import textured_images
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
-    """Textured test images (uint8 NHWC): smooth gradients plus noise, deterministic."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        a, b, c = rng.random(3)
-        base = np.stack([np.sin(6 * a * xx + 3 * b * yy), np.cos(5 * b * yy), np.sin(4 * c * (xx + yy))], -1)
-        img = 127 + 80 * base + rng.normal(0, 20, (size, size, 3))
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return np.stack(out)
-
-
 @pytest.fixture(scope="session")
 def images() -> np.ndarray:
-    return _images(6)
+    return textured_images(6)
 
 
 @pytest.fixture(scope="session")

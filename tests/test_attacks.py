@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from attacks_support import make_student, textured_images  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from support import make_student, textured_images  # noqa: E402
 
 from splitbits.attacks.defence import (  # noqa: E402
     DefenceConfig,

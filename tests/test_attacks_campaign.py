@@ -12,7 +12,7 @@ import yaml
 
 pytest.importorskip("torch")
 
-from attacks_support import make_student, textured_images
+from support import make_student, textured_images
 
 from splitbits.attacks import campaign as camp
 from splitbits.attacks.campaign import CampaignError, load_campaign, parse_campaign, plan_units, run_campaign

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("imagecorruptions")
 
-from attacks_support import textured_images
+from support import textured_images
 
 from splitbits.attacks.corruptions import (
     CORRUPTIONS,

@@ -129,7 +129,7 @@ def test_attack_spec_and_npz_inputs(tmp_path, images):
 
 @pytest.fixture(scope="module")
 def inputs_npz(tmp_path_factory):
-    from conftest import _images
+    from support import textured_images as _images
 
     path = tmp_path_factory.mktemp("inputs") / "clean.npz"
     np.savez(path, images=_images(10, seed=7), labels=np.arange(10) % 10)

@@ -108,7 +108,7 @@ def test_parse_hostport_rejects_bad_ports():
 def mshp(tiny_bundles):
     """Decoder, encoder, images, their packets and reference logits — logits pairwise distinct
     (by > 1e-4, far above batching noise) so that a mixed-up answer cannot pass."""
-    from conftest import _images
+    from support import textured_images as _images
 
     dec = ServerDecoder(tiny_bundles["mshp"], "onnxruntime")
     enc = EdgeEncoder(tiny_bundles["mshp"], "onnxruntime")
@@ -332,7 +332,7 @@ def test_serve_and_send_commands_end_to_end(tiny_bundles, tmp_path):
         m = re.search(r"listening on ([\d.]+):(\d+)", line)
         assert m, line + srv.stderr.read()
         npz = tmp_path / "in.npz"
-        from conftest import _images
+        from support import textured_images as _images
 
         np.savez(npz, images=_images(5, seed=3), labels=np.arange(5))
         out = subprocess.run([sys.executable, "-m", "splitbits.runtime.cli", "send", bundle, "--server",

@@ -188,7 +188,7 @@ def test_auto_picks_tensorrt_only_where_engines_exist(bundle_copy, installed_fak
 
 
 def test_bench_on_the_tensorrt_backend(bundle_copy, installed_fakes, tmp_path):
-    from conftest import _images
+    from support import textured_images as _images
 
     from splitbits.jetson import bench
 

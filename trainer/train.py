@@ -211,6 +211,22 @@ def _to_device(model: nn.Module, ctx: RunContext) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if ctx.channels_last else model
 
 
+def _classifier_step(loss: Tensor, logits: Tensor, y: Tensor, opt: torch.optim.Optimizer, sched: Any,
+                     params: Any, grad_clip: float | None, tot: list[float]) -> float:
+    """One optimiser step on a classification loss; adds loss·n, correct and n to ``tot``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    lv = loss.item()
+    tot[0] += lv * len(y)
+    tot[1] += (logits.detach().argmax(1) == y).sum().item()
+    tot[2] += len(y)
+    return lv
+
+
 def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
@@ -452,16 +468,7 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
                 y = y.to(ctx.device)
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=tcfg["label_smoothing"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tcfg["grad_clip"]:
-                    nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
-                opt.step()
-                sched.step()
-                lv = loss.item()
-                tot[0] += lv * len(y)
-                tot[1] += (logits.detach().argmax(1) == y).sum().item()
-                tot[2] += len(y)
+                lv = _classifier_step(loss, logits, y, opt, sched, model.parameters(), tcfg["grad_clip"], tot)
                 bar.advance(task, f"loss {lv:.3f}")
             bar.done(task)
             tot = _all_reduce(tot, ctx)
@@ -798,16 +805,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                         t_logits = teacher(x)
                     logits = net(x)
                     loss = kd_loss(logits, t_logits, y, s2["temperature"], s2["alpha"])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if s2["grad_clip"]:
-                        nn.utils.clip_grad_norm_(params, s2["grad_clip"])
-                    opt.step()
-                    sched.step()
-                    lv = loss.item()
-                    tot[0] += lv * len(y)
-                    tot[1] += (logits.detach().argmax(1) == y).sum().item()
-                    tot[2] += len(y)
+                    lv = _classifier_step(loss, logits, y, opt, sched, params, s2["grad_clip"], tot)
                     bar.advance(task, f"loss {lv:.3f}")
                 bar.done(task)
                 tot = _all_reduce(tot, ctx)

@@ -1,4 +1,4 @@
-"""Helpers shared by the attack tests: a tiny 12-class MSHP student saved as a checkpoint + its bundle."""
+"""Helpers shared by the tests: textured images, and a tiny 12-class MSHP student saved as a checkpoint + its bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 
 def textured_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """Textured test images (uint8 NHWC): smooth gradients plus noise, deterministic."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     out = []
