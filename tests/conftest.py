@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -38,3 +39,15 @@ def tiny_bundles(tiny_models, images, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundles")
     return {fam: export_bundle(m, root / fam, images=images[:4]).path for fam, m in tiny_models.items()}
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundles, tmp_path):
+    """A factory: family -> a private copy of that tiny bundle (for tests that write into it)."""
+
+    def make(family: str):
+        dst = tmp_path / family
+        shutil.copytree(tiny_bundles[family], dst)
+        return dst
+
+    return make

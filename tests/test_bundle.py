@@ -16,7 +16,7 @@ from splitbits.runtime.verify import verify_bundle
 
 
 @pytest.fixture()
-def bundle_copy(tiny_bundles, tmp_path):
+def mshp_copy(tiny_bundles, tmp_path):
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundles["mshp"], dst)
     return dst
@@ -40,59 +40,59 @@ def test_verify_command_passes(tiny_bundles):
 
 
 @pytest.mark.parametrize("victim", ["codec.npz", "head.onnx", "golden/golden.npz"])
-def test_tampered_file(bundle_copy, victim):
-    p = bundle_copy / victim
+def test_tampered_file(mshp_copy, victim):
+    p = mshp_copy / victim
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
-def test_missing_file(bundle_copy):
-    (bundle_copy / "tail.onnx").unlink()
+def test_missing_file(mshp_copy):
+    (mshp_copy / "tail.onnx").unlink()
     with pytest.raises(BundleError, match=r"missing file tail\.onnx"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
-def test_missing_or_broken_manifest(bundle_copy, tmp_path):
+def test_missing_or_broken_manifest(mshp_copy, tmp_path):
     with pytest.raises(BundleError, match="not found"):
         load_bundle(tmp_path / "nope")
-    (bundle_copy / "manifest.json").write_text("{not json")
+    (mshp_copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="invalid JSON"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
-def test_future_format_version(bundle_copy):
-    mp = bundle_copy / "manifest.json"
+def test_future_format_version(mshp_copy):
+    mp = mshp_copy / "manifest.json"
     m = json.loads(mp.read_text())
     m["format_version"] = 99
     mp.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="version 99"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
-def test_path_escape_in_manifest(bundle_copy):
-    mp = bundle_copy / "manifest.json"
+def test_path_escape_in_manifest(mshp_copy):
+    mp = mshp_copy / "manifest.json"
     m = json.loads(mp.read_text())
     m["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
     mp.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="outside the bundle"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
-def test_swapped_model_file_changes_fingerprint(bundle_copy, tiny_bundles):
+def test_swapped_model_file_changes_fingerprint(mshp_copy, tiny_bundles):
     """Replacing a graph and fixing its hash in the manifest still fails: the fingerprint is bound."""
-    mp = bundle_copy / "manifest.json"
+    mp = mshp_copy / "manifest.json"
     m = json.loads(mp.read_text())
-    shutil.copy(tiny_bundles["fp"] / "tail.onnx", bundle_copy / "tail.onnx")
+    shutil.copy(tiny_bundles["fp"] / "tail.onnx", mshp_copy / "tail.onnx")
     from splitbits.runtime.bundle import sha256_file
 
-    m["files"]["tail.onnx"] = {"sha256": sha256_file(bundle_copy / "tail.onnx"),
-                               "bytes": (bundle_copy / "tail.onnx").stat().st_size}
+    m["files"]["tail.onnx"] = {"sha256": sha256_file(mshp_copy / "tail.onnx"),
+                               "bytes": (mshp_copy / "tail.onnx").stat().st_size}
     mp.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="fingerprint"):
-        load_bundle(bundle_copy)
+        load_bundle(mshp_copy)
 
 
 def test_export_refuses_mismatched_onnx(tiny_models, images, tmp_path, monkeypatch):

@@ -6,8 +6,6 @@ run it on a Jetson (JetPack 6) or a desktop GPU: ``pytest tests/test_trt_engine.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -33,16 +31,6 @@ pytestmark = pytest.mark.trt
 @pytest.fixture(scope="module")
 def cuda():
     return _cuda_or_skip()[0]
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundles, tmp_path):
-    def make(family: str):
-        dst = tmp_path / family
-        shutil.copytree(tiny_bundles[family], dst)
-        return dst
-
-    return make
 
 
 @pytest.mark.parametrize("family", ["fp", "mshp"])

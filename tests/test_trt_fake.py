@@ -6,7 +6,6 @@ selection and verification — not TensorRT itself (see test_trt_engine.py for t
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import types
 
@@ -30,16 +29,6 @@ SLUG = "fake-gpu"
 def fakes():
     cudart = FakeCudart()
     return FakeTrt(cudart), CudaPython(cudart), cudart
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundles, tmp_path):
-    def make(family: str):
-        dst = tmp_path / family
-        shutil.copytree(tiny_bundles[family], dst)
-        return dst
-
-    return make
 
 
 def _build(bundle, trt, cuda, **kw):

@@ -3,7 +3,6 @@ entropy-feeder detection, FP32 plans, mixed FP16 ONNX, INT8 Q/DQ, shapes/opset, 
 
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import numpy as np
@@ -35,19 +34,6 @@ from splitbits.runtime.backends.tensorrt import (
     version_tag,
 )
 from splitbits.runtime.cli import main as cli_main
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundles, tmp_path):
-    """A private copy of a tiny bundle (engine builds write into it)."""
-
-    def make(family: str):
-        dst = tmp_path / family
-        shutil.copytree(tiny_bundles[family], dst)
-        return dst
-
-    return make
-
 
 # --------------------------------------------------------------------------------------------
 # GDN detection
