@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import _images
+from support import textured_images as _images
 
 from splitbits.runtime import packet as pkt
 from splitbits.runtime.bundle import MANIFEST, fingerprint_of, load_bundle
