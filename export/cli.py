@@ -150,6 +150,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation images only")
     p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
+    p.add_argument("--hyper", choices=["auto", "int", "float"], default="auto",
+                   help="MSHP hyper path of the edge encoder: int (deterministic across devices; auto picks it) "
+                        "or float (hyper.onnx)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the tiny_teacher config (repeatable), e.g. train.epochs=5")
@@ -166,7 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError("--limit must be at least 1")
     r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
              progress=not args.no_progress, teacher_overrides=tuple(args.teacher_set),
-             student_overrides=tuple(args.student_set))
+             student_overrides=tuple(args.student_set), hyper=args.hyper)
     print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
     return 0 if r else 1
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from splitbits.runtime.datasets import open_dataset
-from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
+from splitbits.runtime.pipeline import EdgeEncoder, IntHyper, ServerDecoder
 from splitbits.runtime.report import md_table, pyplot, rich_table, save, summary, write_json
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def evaluate_torch(teacher, student, images: np.ndarray, labels: np.ndarray, bat
 
 
 def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, student, warmup: int = 5,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, hyper: str = "auto") -> dict[str, Any]:
     """Every image through EdgeEncoder → packet → ServerDecoder (ONNX Runtime), one at a time."""
-    enc, dec = EdgeEncoder(bundle, "onnxruntime"), ServerDecoder(bundle, "onnxruntime")
+    enc, dec = EdgeEncoder(bundle, "onnxruntime", hyper=hyper), ServerDecoder(bundle, "onnxruntime")
     for img in images[:warmup]:
         dec.decode(enc.encode(img))
     packet_bytes, ideal, edge_t, server_t, ref_bytes = [], [], [], [], []
@@ -145,6 +145,7 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
         "edge_ms": {s: [t.get(s, 0.0) for t in edge_t] for s in EDGE_STAGES if any(s in t for t in edge_t)},
         "server_ms": {s: [t.get(s, 0.0) for t in server_t] for s in SERVER_STAGES if any(s in t for t in server_t)},
         "coder": enc.coder.name,
+        "hyper": None if enc.hyper is None else ("int" if isinstance(enc.hyper, IntHyper) else "float"),
         "backend": enc.backend.describe(),
     }
 
@@ -201,8 +202,10 @@ def _plots(out: Path, r: dict[str, Any], acc: dict[str, float]) -> dict[str, str
 
 def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = False, limit: int | None = None,
              attacks: bool = True, progress: bool = True, teacher_overrides: tuple[str, ...] = (),
-             student_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The whole demo; returns the report dict (also written to ``out/report.json``)."""
+             student_overrides: tuple[str, ...] = (), hyper: str = "auto") -> dict[str, Any]:
+    """The whole demo; returns the report dict (also written to ``out/report.json``).
+
+    ``hyper`` picks the MSHP hyper path of the edge encoder (``auto``: the bundle's integer path)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +225,7 @@ def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = 
     images = np.stack([ds[i][0] for i in range(len(ds))])
     labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
     tor = evaluate_torch(teacher, student, images, labels)
-    run = evaluate_runtime(bundle_dir, images, labels, student, progress=progress)
+    run = evaluate_runtime(bundle_dir, images, labels, student, progress=progress, hyper=hyper)
     run["estimated_bytes"] = [b / 8 for b in tor["estimated_bits"]]
     run["jpeg_bytes"] = [jpeg_bytes(im) for im in images]
 
@@ -255,6 +258,7 @@ def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = 
                        "edge_total": summary(np.sum(list(run["edge_ms"].values()), axis=0)),
                        "server_total": summary(np.sum(list(run["server_ms"].values()), axis=0))},
         "coder": run["coder"],
+        "hyper": run["hyper"],
         "backend": run["backend"],
         "export_verification": exp.verification.to_dict(),
         "training": {k: v for k, v in train_info.items()},
@@ -280,7 +284,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# splitbits demo — tiny {r['family'].upper()} student on builtin",
         "",
         f"{r['dataset']['images']} validation images ({r['dataset']['image_size']}×{r['dataset']['image_size']}), "
-        f"bundle `{r['bundle']}` (fingerprint `{r['bundle_fingerprint'][:16]}`), coder `{r['coder']}`, "
+        f"bundle `{r['bundle']}` (fingerprint `{r['bundle_fingerprint'][:16]}`), coder `{r['coder']}`"
+        + (f", hyper path `{r['hyper']}`" if r.get("hyper") else "") + ", "
         f"backend {r['backend'].get('backend')}.",
         "",
         "## Accuracy",

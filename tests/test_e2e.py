@@ -29,13 +29,16 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert b["real_packet"]["mean"] > b["payload"]["mean"] > 0
     assert b["payload_vs_compressai"]["within_1pct_16B"] is True
     assert saved["top1_agree_with_compressai_path"] == "24/24"
+    assert saved["hyper"] == "int"  # the deterministic path is the default
     assert set(saved["latency_ms"]["edge"]) >= {"head", "quantize", "hyper", "encode"}
     assert set(saved["latency_ms"]["server"]) >= {"parse", "decode", "hyper", "tail"}
     assert saved["export_verification"]["ok"] is True
     assert "| real packet" in (out / "report.md").read_text()
 
-    # a second run reuses both checkpoints (same config) instead of retraining
+    # a second run reuses both checkpoints (same config) instead of retraining; here on the float hyper path
     r2 = run_demo(out, family="mshp", limit=8, attacks=False, progress=False,
-                  teacher_overrides=QUICK_TEACHER, student_overrides=QUICK_STUDENT)
+                  teacher_overrides=QUICK_TEACHER, student_overrides=QUICK_STUDENT, hyper="float")
     assert "teacher_train_s" not in r2["training"] and "student_train_s" not in r2["training"]
+    assert r2["hyper"] == "float" and r2["top1_agree_with_compressai_path"] == "8/8"
+    assert "hyper path `float`" in (out / "report.md").read_text()
     assert r["bundle_fingerprint"] == r2["bundle_fingerprint"]
