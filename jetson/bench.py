@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from splitbits.runtime.cli import add_input_arguments
+
 SCHEMA = "splitbits.bench/1"
 EXIT_REFUSED = 3
 STAGES = ("edge.preprocess", "edge.head", "edge.quantize", "edge.hyper", "edge.encode", "link.transmit",
@@ -54,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--atol", type=float, default=None, help="verification atol (default: per backend/precision)")
     b.add_argument("--rtol", type=float, default=None, help="verification rtol (default: per backend/precision)")
     i = p.add_argument_group("inputs")
-    i.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH, imagenet-c:PATH?...")
-    i.add_argument("--split", default="val", help="dataset split")
-    i.add_argument("--limit", type=int, default=64, help="number of images measured")
-    i.add_argument("--attack", metavar="corruption:NAME:SEVERITY", help="corrupt the inputs first (numpy)")
-    i.add_argument("--inputs", metavar="FILE.npz", help="pre-generated (e.g. adversarial) inputs: images, labels")
-    i.add_argument("--seed", type=int, default=0, help="seed of the corruption")
+    add_input_arguments(i, limit_help="number of images measured")
     i.add_argument("--save-inputs", metavar="FILE.npz", help="also write the inputs used (to replay on a device)")
     m = p.add_argument_group("measurement")
     m.add_argument("--warmup", type=int, default=5, help="untimed images first")
@@ -131,7 +128,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     from splitbits.jetson.tegrastats import TegraStatsSampler, energy_summary
     from splitbits.runtime.backends.tensorrt import INT8_MIN_TOP1
     from splitbits.runtime.bundle import load_bundle
-    from splitbits.runtime.inputs import load_inputs, save_inputs
+    from splitbits.runtime.inputs import inputs_from_args, save_inputs
     from splitbits.runtime.link import transmit_seconds
     from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
     from splitbits.runtime.progress import progress_bar
@@ -169,8 +166,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         return result, EXIT_REFUSED
 
     # 2. inputs
-    inputs = load_inputs(bundle.input_shape, dataset=args.dataset, split=args.split, limit=args.limit,
-                         attack=args.attack, inputs=args.inputs, seed=args.seed)
+    inputs = inputs_from_args(bundle.input_shape, args)
     if args.save_inputs:
         save_inputs(args.save_inputs, inputs)
     result["inputs"] = {"name": inputs.name, "count": len(inputs), **inputs.meta}

@@ -48,6 +48,19 @@ def missing_extra(exc: ImportError, extra: str) -> CliError:
     )
 
 
+def add_input_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser, limit_help: str = "number of images"
+                        ) -> None:
+    """The ``--dataset/--split/--limit/--attack/--inputs/--seed`` options that
+    ``splitbits.runtime.inputs.inputs_from_args`` reads (here, stdlib-only, for parser building)."""
+    group.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH, imagenet-c:PATH?...")
+    group.add_argument("--split", default="val", help="dataset split")
+    group.add_argument("--limit", type=int, default=64, help=limit_help)
+    group.add_argument("--attack", metavar="corruption:NAME:SEVERITY", help="corrupt the inputs first (numpy)")
+    group.add_argument("--inputs", metavar="FILE.npz",
+                       help="pre-generated (e.g. adversarial) inputs: images uint8 NHWC, labels")
+    group.add_argument("--seed", type=int, default=0, help="seed of the corruption")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the line breaks of command descriptions."""
 

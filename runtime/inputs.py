@@ -10,6 +10,7 @@ file of pre-generated (e.g. adversarial) inputs — all numpy, no torch, so they
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,12 @@ def load_inputs(shape: tuple[int, int, int], *, dataset: str = "builtin", split:
         name = f"{name}+{kind}:{cname}:{severity}"
         meta.update(attack=attack, seed=seed)
     return InputSet(np.ascontiguousarray(images), labels, name, meta)
+
+
+def inputs_from_args(shape: tuple[int, int, int], args: argparse.Namespace) -> InputSet:
+    """:func:`load_inputs` with the options of ``splitbits.runtime.cli.add_input_arguments``."""
+    return load_inputs(shape, dataset=args.dataset, split=args.split, limit=args.limit, attack=args.attack,
+                       inputs=args.inputs, seed=args.seed)
 
 
 def save_inputs(path: str | Path, inputs: InputSet) -> Path:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from splitbits.runtime.cli import CliError, Command
+from splitbits.runtime.cli import CliError, Command, add_input_arguments
 
 SERVE_DESCRIPTION = """\
 Run the server half of the split: an asyncio TCP server that takes length-prefixed packets,
@@ -97,13 +97,7 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to use (tensorrt backend)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--coder", default=None, help="entropy coder (default: the runtime's default)")
-    g = p.add_argument_group("inputs")
-    g.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH, imagenet-c:PATH?...")
-    g.add_argument("--split", default="val", help="dataset split")
-    g.add_argument("--limit", type=int, default=64, help="number of images")
-    g.add_argument("--attack", metavar="corruption:NAME:SEVERITY", help="corrupt the inputs first (numpy)")
-    g.add_argument("--inputs", metavar="FILE.npz", help="pre-generated inputs (images uint8 NHWC, labels)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the corruption")
+    add_input_arguments(p.add_argument_group("inputs"))
     g = p.add_argument_group("link")
     g.add_argument("--link-mbps", type=float, default=None, help="pace the bytes at this rate (token bucket)")
     g.add_argument("--concurrency", type=int, default=1, help="requests in flight per connection")
@@ -118,7 +112,7 @@ def run_send(args: argparse.Namespace) -> int:
     import time
 
     from splitbits.runtime.client import send_images, summarize_send
-    from splitbits.runtime.inputs import load_inputs
+    from splitbits.runtime.inputs import inputs_from_args
     from splitbits.runtime.link import parse_hostport
     from splitbits.runtime.pipeline import EdgeEncoder
     from splitbits.runtime.progress import progress_bar
@@ -134,8 +128,7 @@ def run_send(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     enc = EdgeEncoder(args.bundle, args.backend, coder=args.coder, **_backend_options(args))
     enc.warmup()
-    inputs = load_inputs(enc.bundle.input_shape, dataset=args.dataset, split=args.split, limit=args.limit,
-                         attack=args.attack, inputs=args.inputs, seed=args.seed)
+    inputs = inputs_from_args(enc.bundle.input_shape, args)
     progress = progress_bar(len(inputs), "send", disabled=args.no_progress)
     with progress as bar:
         records, wall = asyncio.run(send_images(
