@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise CliError("--out CKPT is required")
+    if os.path.exists(args.out) and not os.path.isfile(args.out):
+        raise CliError(f"--out {args.out} exists and is not a file")
     if config["kind"] == "teacher" and args.teacher:
         raise CliError("--teacher is only for student configs (this config is kind: teacher)")
     if args.threads is not None and args.threads < 1:

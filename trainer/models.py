@@ -508,20 +508,17 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return TeacherClassifier(spec) if spec.family is None else build_student(spec)
 
 
-def load_sc2bench_checkpoint(model: SplitClassifier, path: str, map_location: str = "cpu") -> list[str]:
-    """Load a torchdistill ``{'model': state_dict}`` checkpoint or a bare sc2bench state dict.
+def load_sc2bench_state(model: SplitClassifier, sd: Mapping[str, Tensor]) -> list[str]:
+    """Load an sc2bench state dict (the ``model`` entry of a torchdistill checkpoint, or a bare one).
 
     Returns the list of ignored keys (e.g. ``fc`` of a headless checkpoint); raises on missing keys.
+    Reading the file is :func:`splitbits.trainer.checkpoint.load_model`'s job (safely, no code runs).
     """
-    obj = torch.load(path, map_location=map_location, weights_only=False)
-    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: not a state dict or a {{'model': state_dict}} checkpoint")
     own = set(model.state_dict())
     ignored = [k for k in sd if k not in own and not k.startswith("bottleneck_layer.")]
     sd = OrderedDict((k, v) for k, v in sd.items() if k not in ignored)
     missing = [k for k in own if k not in sd and not k.startswith("bottleneck_layer.")]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
+        raise ValueError(f"checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
     model.load_state_dict(sd, strict=True)
     return ignored

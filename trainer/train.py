@@ -41,7 +41,13 @@ from torch import Tensor, nn
 
 from splitbits.runtime.datasets import mean_jpeg_bytes
 from splitbits.runtime.errors import SplitbitsError
-from splitbits.trainer.checkpoint import read_checkpoint, save_checkpoint
+from splitbits.trainer.checkpoint import (
+    CheckpointError,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    state_dict_of,
+)
 from splitbits.trainer.config import ConfigError, config_diff, validate_config
 from splitbits.trainer.data import Loaders, build_loaders, dist_env, prepare_batch
 from splitbits.trainer.models import (
@@ -249,8 +255,11 @@ def _all_reduce(values: list[float], ctx: RunContext) -> list[float]:
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "generators": {k: g.get_state() for k, g in generators.items()}}
+    """Every RNG's state as tensors and plain values (what a weights-only checkpoint may hold)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "python": random.getstate(), "generators": {k: g.get_state() for k, g in generators.items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -258,7 +267,9 @@ def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # v1 checkpoints: an ndarray
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     random.setstate(state["python"])
     for k, g in generators.items():
         if k in state.get("generators", {}):
@@ -561,20 +572,17 @@ def load_teacher(path: str | os.PathLike, config: dict[str, Any], num_classes: i
     path = Path(path)
     try:
         ck = read_checkpoint(path)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"teacher: {exc}") from exc
-    arch = config["model"]["arch"]
-    if ck.get("format") == "splitbits-ckpt":
-        if ck.get("kind") != "teacher":
-            raise TrainError(f"teacher: {path} is a {ck.get('kind')} checkpoint, not a teacher")
-        spec = ModelSpec.from_dict(ck["spec"])
-        if spec.arch != arch:
-            raise TrainError(f"teacher: {path} is a {spec.arch}, the config's student is a {arch}")
-        model = TeacherClassifier(spec)
-        model.load_state_dict(ck["model"])
-        return model
-    sd = ck.get("model", ck.get("state_dict", ck))
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        arch = config["model"]["arch"]
+        if ck.get("format") == "splitbits-ckpt":
+            if ck.get("kind") != "teacher":
+                raise TrainError(f"teacher: {path} is a {ck.get('kind')} checkpoint, not a teacher")
+            model, _ = model_from_checkpoint(path, ck)
+            if model.spec.arch != arch:
+                raise TrainError(f"teacher: {path} is a {model.spec.arch}, the config's student is a {arch}")
+            return model
+        sd = state_dict_of(path, ck)
+    except CheckpointError as exc:
+        raise TrainError(f"teacher: {exc}") from None
     if num_classes is None:
         fc = sd.get("fc.weight", sd.get("head.fc.weight"))
         num_classes = int(fc.shape[0]) if fc is not None else 1000
