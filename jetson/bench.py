@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from splitbits.runtime.cli import add_input_arguments
+from splitbits.runtime.cli import (
+    CliError,
+    add_input_arguments,
+    coder_name,
+    nonneg_float,
+    nonneg_int,
+    output_file,
+    positive_float,
+    positive_int,
+)
 
 SCHEMA = "splitbits.bench/1"
 EXIT_REFUSED = 3
@@ -51,21 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     b.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to run (tensorrt/auto)")
     b.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay CUDA graphs (cuda-python)")
-    b.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    b.add_argument("--coder", default=None, help="entropy coder (default: the runtime's default)")
-    b.add_argument("--atol", type=float, default=None, help="verification atol (default: per backend/precision)")
-    b.add_argument("--rtol", type=float, default=None, help="verification rtol (default: per backend/precision)")
+    b.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    b.add_argument("--coder", type=coder_name, default=None, help="entropy coder (default: the runtime's default)")
+    b.add_argument("--atol", type=nonneg_float, default=None, help="verification atol (default: per backend/precision)")
+    b.add_argument("--rtol", type=nonneg_float, default=None, help="verification rtol (default: per backend/precision)")
     i = p.add_argument_group("inputs")
     add_input_arguments(i, limit_help="number of images measured")
-    i.add_argument("--save-inputs", metavar="FILE.npz", help="also write the inputs used (to replay on a device)")
+    i.add_argument("--save-inputs", type=output_file, metavar="FILE.npz",
+                   help="also write the inputs used (to replay on a device)")
     m = p.add_argument_group("measurement")
-    m.add_argument("--warmup", type=int, default=5, help="untimed images first")
-    m.add_argument("--repeat", type=int, default=1, help="passes over the inputs")
-    m.add_argument("--link-mbps", type=float, default=10.0, help="link rate of the modelled transmit stage")
+    m.add_argument("--warmup", type=nonneg_int, default=5, help="untimed images first")
+    m.add_argument("--repeat", type=positive_int, default=1, help="passes over the inputs")
+    m.add_argument("--link-mbps", type=positive_float, default=10.0, help="link rate of the modelled transmit stage")
     m.add_argument("--power", choices=["auto", "on", "off"], default="auto",
                    help="sample tegrastats for power/energy (auto: where tegrastats exists)")
-    m.add_argument("--tegrastats-interval-ms", type=int, default=100, help="tegrastats sampling interval")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    m.add_argument("--tegrastats-interval-ms", type=positive_int, default=100, help="tegrastats sampling interval")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -136,9 +146,11 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     from splitbits.runtime.verify import verify_bundle
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        raise CliError("--limit must be at least 1")
     if args.warmup < 0 or args.repeat < 1 or args.link_mbps <= 0:
-        raise ValueError("--warmup ≥ 0, --repeat ≥ 1 and --link-mbps > 0 please")
+        raise CliError("--warmup ≥ 0, --repeat ≥ 1 and --link-mbps > 0 please")
+    if args.power == "on" and not TegraStatsSampler.available():
+        raise CliError("--power on needs tegrastats (a Jetson), which is not on PATH here; use --power auto/off")
     rss0 = _rss_mb()
     bundle = load_bundle(args.bundle)
     be = _backend(args, bundle)
@@ -261,13 +273,9 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from splitbits.runtime.cli import CliError
     from splitbits.runtime.report import rich_table, write_json
 
-    try:
-        result, status = run_bench(args)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    result, status = run_bench(args)
     if args.json:
         write_json(args.json, result)
     if status == EXIT_REFUSED:

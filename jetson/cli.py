@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from splitbits.runtime.cli import CliError, Command
+from splitbits.runtime.cli import CliError, Command, output_file
 
 REPORT_DESCRIPTION = """\
 Compare results of `splitbits bench` and `splitbits send` side by side: devices, backends,
@@ -46,7 +47,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="FILE", help="also write it to FILE")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="also write it to FILE")
 
 
 def run_device(args: argparse.Namespace) -> int:
@@ -56,8 +57,8 @@ def run_device(args: argparse.Namespace) -> int:
     text = json.dumps(info, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
     return 0
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from splitbits.runtime.errors import SplitbitsError
 
@@ -48,15 +52,129 @@ def missing_extra(exc: ImportError, extra: str) -> CliError:
     )
 
 
+# ------------------------------------------------------------------------------------------
+# argparse ``type=`` validators: a bad value is argparse's own usage error (exit 2) at parse time
+# ------------------------------------------------------------------------------------------
+
+
+def _bounds_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"between {lo} and {hi}"
+    if lo is not None:
+        return f"greater than {lo}" if lo_open else f"at least {lo}"
+    return f"at most {hi}"
+
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (either bound optional)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds_text(lo, hi)}, got {value}")
+        return value
+
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+                ) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+                or (hi is not None and value > hi)):
+            raise argparse.ArgumentTypeError(f"must be {_bounds_text(lo, hi, lo_open)}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+port_number = int_range(0, 65535)
+positive_float = float_range(0, lo_open=True)
+nonneg_float = float_range(0)
+
+
+def coder_name(text: str) -> str:
+    """An argparse type: the name of an entropy coder of ``splitbits.runtime.codec``."""
+    from splitbits.runtime.codec import CODERS  # numpy; imported only when the option is given
+
+    if text not in CODERS:
+        raise argparse.ArgumentTypeError(f"unknown coder {text!r}; choose from {', '.join(CODERS)}")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a path to an existing regular file (or something readable like one)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
+    if not os.access(p, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a path to an existing directory."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file we can create later (missing parent folders are created then);
+    refuses a directory and a path under a non-directory, so a long run does not fail at the end."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is not writable")
+    return text
+
+
+def attack_spec(text: str) -> str:
+    """An argparse type: ``corruption:NAME:SEVERITY`` (name checked where the corruptions exist)."""
+    from splitbits.runtime.errors import InputError
+    from splitbits.runtime.inputs import check_attack
+
+    try:
+        check_attack(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--attack {text!r}: ")) from None
+    return text
+
+
 def add_input_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser, limit_help: str = "number of images"
                         ) -> None:
     """The ``--dataset/--split/--limit/--attack/--inputs/--seed`` options that
     ``splitbits.runtime.inputs.inputs_from_args`` reads (here, stdlib-only, for parser building)."""
     group.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH, imagenet-c:PATH?...")
     group.add_argument("--split", default="val", help="dataset split")
-    group.add_argument("--limit", type=int, default=64, help=limit_help)
-    group.add_argument("--attack", metavar="corruption:NAME:SEVERITY", help="corrupt the inputs first (numpy)")
-    group.add_argument("--inputs", metavar="FILE.npz",
+    group.add_argument("--limit", type=positive_int, default=64, help=limit_help)
+    group.add_argument("--attack", type=attack_spec, metavar="corruption:NAME:SEVERITY",
+                       help="corrupt the inputs first (numpy)")
+    group.add_argument("--inputs", type=existing_file, metavar="FILE.npz",
                        help="pre-generated (e.g. adversarial) inputs: images uint8 NHWC, labels")
     group.add_argument("--seed", type=int, default=0, help="seed of the corruption")
 
@@ -102,12 +220,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args._run(args)
     except (CliError, SplitbitsError) as exc:
-        print(f"splitbits {args.command}: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"splitbits {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the system refused a path, a socket, memory: the user's to fix, not a bug
+        if args.verbose:
+            traceback.print_exc()
+        print(f"splitbits {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: say so in one line, the traceback with -v
+        return _internal_error(args, exc)
     return int(rc or 0)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (multi-line messages joined with ' | ')."""
+    text = str(exc).strip() or type(exc).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` for a file error, else the error's own text."""
+    if exc.filename is None:
+        return one_line(exc)
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{where}: {exc.strerror or one_line(exc)}"
+
+
+def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:
+    """An exception nobody converted to a user error: a bug in splitbits, reported as one (exit 1)."""
+    if args.verbose:
+        traceback.print_exc()
+    hint = "" if args.verbose else f" (a bug in splitbits; `splitbits -v {args.command} ...` shows the traceback)"
+    print(f"splitbits {args.command}: internal error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
-from splitbits.runtime.cli import Command
+from splitbits.runtime.cli import Command, coder_name, output_file
 
 
 def add_warmup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", nargs="?", help="also load and run this bundle once")
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt")
-    p.add_argument("--coder", default=None, help="coder to warm (default: all available)")
+    p.add_argument("--coder", type=coder_name, default=None, help="coder to warm (default: all available)")
 
 
 def run_warmup(args: argparse.Namespace) -> int:
@@ -46,8 +47,8 @@ def run_warmup(args: argparse.Namespace) -> int:
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--backend", default="onnxruntime", help="backend to verify against golden/")
-    p.add_argument("--coder", default=None, help="coder for the end-to-end check")
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--coder", type=coder_name, default=None, help="coder for the end-to-end check")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the report as JSON")
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -57,8 +58,8 @@ def run_verify(args: argparse.Namespace) -> int:
     text = json.dumps(rep.to_dict(), indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
     return 0 if rep.ok else 1
 
 

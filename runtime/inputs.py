@@ -11,6 +11,7 @@ file of pre-generated (e.g. adversarial) inputs — all numpy, no torch, so they
 from __future__ import annotations
 
 import argparse
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,21 @@ def parse_attack(spec: str) -> tuple[str, str, int]:
     return parts[0], parts[1], severity
 
 
+def check_attack(spec: str) -> tuple[str, str, int]:
+    """:func:`parse_attack` plus the corruption's name where the corruptions are installed (a device
+    without them finds out in :func:`apply_corruption`, with its own message)."""
+    kind, name, severity = parse_attack(spec)
+    try:
+        from splitbits.attacks.corruptions import check_corruption
+    except ImportError:
+        return kind, name, severity
+    try:
+        check_corruption(name, severity)
+    except ValueError as exc:
+        raise InputError(f"--attack {spec!r}: {exc}") from None
+    return kind, name, severity
+
+
 def apply_corruption(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """``splitbits.attacks.corruptions.corrupt`` imported on demand, with a clear error if absent."""
     try:
@@ -58,31 +74,73 @@ def apply_corruption(images: np.ndarray, name: str, severity: int, seed: int = 0
             f"--attack corruption:{name}:{severity} needs splitbits.attacks.corruptions, which is not "
             f"available in this installation ({exc}); pre-generate the inputs elsewhere and pass --inputs FILE.npz"
         ) from exc
-    out = corrupt(images, name, severity, seed=seed)
+    try:
+        out = corrupt(images, name, severity, seed=seed)
+    except ValueError as exc:  # CorruptionError: unknown name, bad severity, images it cannot take
+        raise InputError(f"--attack corruption:{name}:{severity}: {exc}") from None
     out = np.asarray(out)
     if out.dtype != np.uint8 or out.shape != images.shape:
         raise SplitbitsError(f"corruption {name} returned {out.dtype} {out.shape}, expected uint8 {images.shape}")
     return out
 
 
+# Bounds of an --inputs file, checked on the array headers before anything is decompressed.
+MAX_INPUT_IMAGES = 1 << 20
+MAX_INPUT_BYTES = 8 << 30
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every ``.npy`` member of an npz, read from the headers (nothing decoded)."""
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"{info.filename}: unsupported .npy version {version}")
+                shape, _fortran, dtype = read(f)
+            out[info.filename[:-4]] = (tuple(shape), dtype)
+    return out
+
+
 def load_npz_inputs(path: str | Path, shape: tuple[int, int, int], limit: int | None = None) -> InputSet:
-    """Read ``images``/``labels`` from an npz (no pickles) and check them against the bundle's input."""
+    """Read ``images``/``labels`` from an npz (no pickles) and check them against the bundle's input:
+    headers first (names, dtypes, shapes, sizes), then the arrays. Any problem is an :class:`InputError`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--inputs {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise InputError(f"--inputs {path}: no 'images' array (have {npz.files})")
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-            meta = {k: npz[k].tolist() for k in npz.files if k not in ("images", "labels") and npz[k].size <= 64}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--inputs {path}: unreadable ({exc})") from exc
     c, h, w = shape
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, c):
-        raise InputError(f"--inputs {path}: images must be uint8 N×{h}×{w}×{c} for this bundle, "
-                         f"got {images.dtype} {images.shape}")
+    try:
+        headers = _npz_headers(path)
+        if "images" not in headers:
+            raise InputError(f"--inputs {path}: no 'images' array (have {sorted(headers)})")
+        ishape, idtype = headers["images"]
+        if idtype != np.uint8 or len(ishape) != 4 or ishape[1:] != (h, w, c):
+            raise InputError(f"--inputs {path}: images must be uint8 N×{h}×{w}×{c} for this bundle, "
+                             f"got {idtype} {ishape}")
+        if not 1 <= ishape[0] <= MAX_INPUT_IMAGES or ishape[0] * h * w * c > MAX_INPUT_BYTES:
+            raise InputError(f"--inputs {path}: {ishape[0]} images; expected 1..{MAX_INPUT_IMAGES} "
+                             f"(at most {MAX_INPUT_BYTES >> 30} GiB)")
+        if "labels" in headers:
+            lshape, ldtype = headers["labels"]
+            if ldtype.kind not in "iu" or lshape not in ((ishape[0],), (ishape[0], 1)):
+                raise InputError(f"--inputs {path}: labels must be {ishape[0]} integers, got {ldtype} {lshape}")
+        small = [k for k, (s_, d) in headers.items()
+                 if k not in ("images", "labels") and d.kind in "biufcSU" and int(np.prod(s_)) <= 64]
+        with np.load(path, allow_pickle=False) as npz:
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in headers else None
+            meta = {k: npz[k].tolist() for k in small}
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise InputError(f"--inputs {path}: not a readable npz file ({type(exc).__name__}: {exc})") from None
+    if images.shape != ishape or images.dtype != np.uint8:  # the data disagrees with its header
+        raise InputError(f"--inputs {path}: images array does not match its header")
     if labels is None:
         labels = np.full(images.shape[0], -1, np.int64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -97,6 +155,9 @@ def load_inputs(shape: tuple[int, int, int], *, dataset: str = "builtin", split:
                 limit: int | None = None, attack: str | None = None, inputs: str | Path | None = None,
                 seed: int = 0) -> InputSet:
     """The images a run measures (see the module docstring); ``shape`` is the bundle's [C, H, W]."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    parsed_attack = check_attack(attack) if attack else None  # before any image is read
     if inputs is not None:
         if attack:
             raise InputError("--inputs and --attack exclude each other (the file already holds attacked inputs)")
@@ -114,8 +175,8 @@ def load_inputs(shape: tuple[int, int, int], *, dataset: str = "builtin", split:
     labels = np.asarray([p[1] for p in pairs], dtype=np.int64)
     name = f"{dataset}:{split}"
     meta: dict[str, Any] = {"dataset": dataset, "split": split, "limit": limit}
-    if attack:
-        kind, cname, severity = parse_attack(attack)
+    if parsed_attack:
+        kind, cname, severity = parsed_attack
         images = apply_corruption(images, cname, severity, seed=seed)
         name = f"{name}+{kind}:{cname}:{severity}"
         meta.update(attack=attack, seed=seed)

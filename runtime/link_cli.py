@@ -6,7 +6,18 @@ import argparse
 import json
 import sys
 
-from splitbits.runtime.cli import CliError, Command, add_input_arguments
+from splitbits.runtime.cli import (
+    CliError,
+    Command,
+    add_input_arguments,
+    coder_name,
+    nonneg_float,
+    nonneg_int,
+    output_file,
+    port_number,
+    positive_float,
+    positive_int,
+)
 
 SERVE_DESCRIPTION = """\
 Run the server half of the split: an asyncio TCP server that takes length-prefixed packets,
@@ -35,18 +46,18 @@ for the measured packet sizes (so an attack's extra bytes read directly as extra
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=5800, help="TCP port (0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=5800, help="TCP port (0 picks a free one)")
     p.add_argument("--backend", default="auto",
                    help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to use (tensorrt backend)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    p.add_argument("--max-batch", type=int, default=8, help="largest tail batch")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
-    p.add_argument("--queue-size", type=int, default=64, help="decoded latents waiting for the tail (bound)")
-    p.add_argument("--max-inflight", type=int, default=32, help="unanswered requests per connection (bound)")
-    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections (bound)")
-    p.add_argument("--decode-threads", type=int, default=1, help="threads that parse and entropy-decode")
-    p.add_argument("--stats-json", metavar="FILE", help="write the server statistics here on exit")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="largest tail batch")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=2.0, help="how long a batch waits for more requests")
+    p.add_argument("--queue-size", type=positive_int, default=64, help="decoded latents waiting for the tail (bound)")
+    p.add_argument("--max-inflight", type=positive_int, default=32, help="unanswered requests per connection (bound)")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="concurrent connections (bound)")
+    p.add_argument("--decode-threads", type=positive_int, default=1, help="threads that parse and entropy-decode")
+    p.add_argument("--stats-json", type=output_file, metavar="FILE", help="write the server statistics here on exit")
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
@@ -95,14 +106,14 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto",
                    help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to use (tensorrt backend)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    p.add_argument("--coder", default=None, help="entropy coder (default: the runtime's default)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--coder", type=coder_name, default=None, help="entropy coder (default: the runtime's default)")
     add_input_arguments(p.add_argument_group("inputs"))
     g = p.add_argument_group("link")
-    g.add_argument("--link-mbps", type=float, default=None, help="pace the bytes at this rate (token bucket)")
-    g.add_argument("--concurrency", type=int, default=1, help="requests in flight per connection")
-    g.add_argument("--connections", type=int, default=1, help="parallel connections")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    g.add_argument("--link-mbps", type=positive_float, default=None, help="pace the bytes at this rate (token bucket)")
+    g.add_argument("--concurrency", type=positive_int, default=1, help="requests in flight per connection")
+    g.add_argument("--connections", type=positive_int, default=1, help="parallel connections")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
