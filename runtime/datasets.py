@@ -22,6 +22,9 @@ Dataset specs
     split folders (then every split reads the same images). Images are resized (shorter side to
     ``image_size·256/224``, bilinear) and center-cropped to ``image_size`` (default 224);
     ``raw=True`` returns decoded images untouched (the trainer's train augmentation starts there).
+    Files are hostile input: an image declaring more than 64 megapixels is refused before it is
+    decoded, as is an undecodable one (a :class:`DatasetError` naming the file); 16-bit greyscale is
+    scaled to 8 bits (value/257, rounded), 32-bit float images (mode ``F``) are refused.
 ``imagenet-c:PATH[?corruption=NAME[,NAME...]&severity=S[,S...]]``
     The ImageNet-C layout ``PATH/<corruption>/<severity>/<class>/*``. Without a selection every
     corruption and severity is read; e.g. ``imagenet-c:/data/IN-C?corruption=gaussian_noise&severity=3``.
@@ -486,29 +489,94 @@ def _read_class_names(root: Path, classes: list[str]) -> list[str]:
     return list(classes)
 
 
-def _load_image(path: Path, image_size: int | None) -> np.ndarray:
-    """Decode to RGB; with ``image_size``: resize shorter side to size·256/224, center-crop size."""
+# Decoded images are bounded before any pixel is decoded (a 271-byte PNG can declare 65000×1 or
+# 15000×15000 pixels); Pillow's own decompression-bomb limit is higher and only a warning below it.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _open_bounded(path: Path):  # -> PIL.Image.Image
+    """``Image.open`` with the pixel bound checked on the header, before decoding."""
+    import warnings
+
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DatasetError(f"image {path}: too many pixels, refused before decoding ({exc})") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+        im.close()
+        raise DatasetError(f"image {path}: {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); "
+                           f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
+    return im
+
+
+def _to_rgb8(im, path: Path):  # PIL.Image.Image -> PIL.Image.Image
+    """8-bit RGB. 16-bit greyscale (modes ``I;16*``, and ``I`` holding 0..65535) is scaled to 8 bits
+    (value/257, rounded), not clipped; 32-bit float images (mode ``F``) and ``I`` values outside
+    0..65535 are refused: their range is not known. Alpha is dropped, palettes are expanded."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)
+        if a.dtype.kind == "i" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DatasetError(f"image {path}: 32-bit integer pixels outside 0..65535 "
+                               f"({int(a.min())}..{int(a.max())}); convert it to 8 or 16 bits")
+        a8 = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # = round(v / 257), exactly
+        return Image.fromarray(a8, "L").convert("RGB")
+    if im.mode == "F":
+        raise DatasetError(f"image {path}: 32-bit float pixels (mode F) have no known range; "
+                           "convert it to an 8- or 16-bit image")
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if image_size is not None:
-                w, h = im.size
-                if w == h == image_size:
-                    pass
-                elif w == h and w <= round(image_size * 256 / 224):
-                    im = im.resize((image_size, image_size), Image.BILINEAR)  # already center-cropped
-                else:
-                    short = round(image_size * 256 / 224)
-                    nw, nh = (short, max(short, round(h * short / w))) if w <= h else \
-                        (max(short, round(w * short / h)), short)
-                    im = im.resize((nw, nh), Image.BILINEAR)
-                    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-                    im = im.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(im, dtype=np.uint8).copy()
-    except OSError as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise DatasetError(f"image {path}: cannot convert mode {im.mode} to RGB ({exc})") from None
+
+
+def _resize_center_crop(im, image_size: int):  # PIL.Image.Image -> PIL.Image.Image
+    """The ImageNet evaluation transform: resize the shorter side to size·256/224 (bilinear), then
+    center-crop size×size. Done in one ``resize(box=...)`` of the crop's source rectangle, so the
+    intermediate is never larger than the output (a 65000×1 image would otherwise be resized to
+    4.7M×73 first); the numbers are those of resize-then-crop."""
+    from PIL import Image
+
+    w, h = im.size
+    if w == h == image_size:
+        return im
+    if w == h and w <= round(image_size * 256 / 224):
+        return im.resize((image_size, image_size), Image.BILINEAR)  # already center-cropped
+    short = round(image_size * 256 / 224)
+    nw, nh = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    sx, sy = w / nw, h / nh  # source pixels per resized pixel
+    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+    return im.resize((image_size, image_size), Image.BILINEAR, box=box)
+
+
+def _load_image(path: Path, image_size: int | None) -> np.ndarray:
+    """Decode to 8-bit RGB (see :func:`_to_rgb8`); with ``image_size``: resize shorter side to
+    size·256/224, center-crop size (:func:`_resize_center_crop`). Images over
+    :data:`MAX_IMAGE_PIXELS` and undecodable files are a :class:`DatasetError` naming the file."""
+    try:
+        im = _open_bounded(path)
+    except DatasetError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    with im:
+        try:
+            im.load()
+        except Exception as exc:  # hostile bytes: decoders raise OSError, ValueError, SyntaxError, ...
+            raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        rgb = _to_rgb8(im, path)
+        if image_size is not None:
+            rgb = _resize_center_crop(rgb, image_size)
+        return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 class _FolderDataset(ImageDataset):

@@ -16,6 +16,7 @@ from splitbits.runtime.datasets import (
     BuiltinDataset,
     DatasetError,
     ImageDataset,
+    _load_image,
     jpeg_size,
     mean_jpeg_bytes,
     open_dataset,
@@ -246,3 +247,102 @@ def test_jpeg_reference_sizes() -> None:
     assert all(s > 200 for s in sizes)
     assert mean_jpeg_bytes(ds, 75) == pytest.approx(np.mean(sizes))
     assert jpeg_size(ds[0][0], 30) < jpeg_size(ds[0][0], 95)
+
+
+# --------------------------------------------------------------------------------------------
+# hostile images: pixel bounds, bounded resizing, 16-bit and float modes
+# --------------------------------------------------------------------------------------------
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A ~60-byte PNG that declares w×h 8-bit greyscale pixels and holds none of them."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(15000, 15000), (9000, 9000), (70_000_000, 1)])
+def test_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path: Path, size) -> None:
+    _png_header_only(tmp_path / "cls" / "bomb.png", *size)
+    ds = open_dataset(f"imagefolder:{tmp_path}", "val", image_size=32)
+    # decoding would fail differently ("cannot read image": the pixels are not there)
+    with pytest.raises(DatasetError, match=r"bomb\.png: .*(megapixels|too many pixels)"):
+        ds[0]
+    with pytest.raises(DatasetError, match=r"bomb\.png: .*(megapixels|too many pixels)"):
+        open_dataset(f"imagefolder:{tmp_path}", "train", raw=True)[0]
+
+
+def test_extreme_aspect_ratio_is_resized_without_a_large_intermediate(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "cls").mkdir()
+    Image.new("RGB", (65000, 1), (200, 100, 50)).save(tmp_path / "cls" / "wide.png")
+    sizes: list[tuple[int, int]] = []
+    real = Image.Image.resize
+
+    def spy(self, size, *a, **k):
+        sizes.append(tuple(size))
+        return real(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    img, _ = open_dataset(f"imagefolder:{tmp_path}", "val", image_size=64)[0]
+    assert img.shape == (64, 64, 3) and (img == (200, 100, 50)).all()
+    assert sizes and max(w * h for w, h in sizes) <= 64 * 64  # the old path resized to 4745205×73 first
+
+
+def _resize_then_crop(im: Image.Image, size: int) -> np.ndarray:
+    """The reference ImageNet val transform: shorter side to size·256/224 (bilinear), center crop."""
+    w, h = im.size
+    short = round(size * 256 / 224)
+    nw, nh = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size)))
+
+
+def test_center_crop_box_resize_matches_resize_then_crop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.open(_photo_path()).convert("RGB"))
+    worst, differ, total = 0, 0, 0
+    for k, (w, h) in enumerate([(500, 375), (375, 500), (301, 299), (64, 48), (1000, 17), (17, 900), (7, 5)]):
+        smooth = np.asarray(Image.fromarray(photo).resize((w, h), Image.BICUBIC))
+        for kind, arr in (("photo", smooth), ("noise", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))):
+            path = tmp_path / "cls" / f"{kind}{k}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(arr).save(path)
+            for size in (224, 64, 32):
+                ours = _load_image(path, size).astype(int)
+                ref = _resize_then_crop(Image.fromarray(arr), size).astype(int)
+                d = np.abs(ours - ref)
+                worst, differ, total = max(worst, int(d.max())), differ + int((d > 0).sum()), total + d.size
+    assert worst <= 2 and differ / total < 0.05, (worst, differ / total)
+
+
+def _photo_path() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / "astronaut.png"
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # mode I;16
+    Image.fromarray(ramp.astype(np.int32), "I").save(tmp_path / "g32.tif")  # mode I, 16-bit values
+    for name in ("g16.png", "g32.tif"):
+        img = _load_image(tmp_path / name, None)
+        expect = np.round(ramp / 257).astype(np.uint8)  # v/257 is never a tie (257 is odd)
+        # convert("RGB") clips instead: 0..255 kept, everything above 255 white
+        assert img.shape == (256, 256, 3) and (img == expect[..., None]).all(), name
+
+
+def test_float_and_out_of_range_int_images_are_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DatasetError, match=r"f\.tif: 32-bit float pixels \(mode F\)"):
+        _load_image(tmp_path / "f.tif", None)
+    Image.fromarray(np.full((8, 8), -5, np.int32), "I").save(tmp_path / "neg.tif")
+    with pytest.raises(DatasetError, match=r"neg\.tif: .*outside 0\.\.65535"):
+        _load_image(tmp_path / "neg.tif", None)
