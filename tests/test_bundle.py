@@ -158,3 +158,128 @@ def test_sc2bench_checkpoint_missing_keys(tiny_models, tmp_path):
     torch.save(sd, tmp_path / "ck.pt")
     with pytest.raises(ValueError, match="lacks"):
         load_model(tmp_path / "ck.pt", tiny_models["fp"].spec)
+
+
+# --------------------------------------------------------------------------------------------
+# the manifest is hostile input: types, shapes and bounds of every key the runtime reads
+# --------------------------------------------------------------------------------------------
+
+
+def _set(path: str, value):
+    """A mutation of the manifest: set the dotted ``path`` (list indexes as integers) to ``value``."""
+
+    def apply(m: dict) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for k in parents:
+            m = m[k]
+        m[last] = value
+
+    return apply
+
+
+def _files_as_list(m: dict) -> None:
+    m["files"] = list(m["files"])
+
+
+MANIFEST_CASES = [
+    ("files-list", _files_as_list, r"manifest files must be an object"),
+    ("files-empty", _set("files", {}), r"manifest files must be an object"),
+    ("file-entry-str", lambda m: m["files"].__setitem__("head.onnx", "abc"),
+     r"files\['head\.onnx'\] must be an object"),
+    ("file-sha-short", lambda m: m["files"]["head.onnx"].__setitem__("sha256", "ab"),
+     r"files\['head\.onnx'\]\.sha256 must be 64 hex digits"),
+    ("file-bytes-neg", lambda m: m["files"]["tail.onnx"].__setitem__("bytes", -1),
+     r"files\['tail\.onnx'\]\.bytes must be an integer"),
+    ("file-bytes-str", lambda m: m["files"]["tail.onnx"].__setitem__("bytes", "12"),
+     r"files\['tail\.onnx'\]\.bytes must be an integer"),
+    ("file-absolute", lambda m: m["files"].__setitem__("/etc/passwd", {"sha256": "0" * 64, "bytes": 1}),
+     r"outside the bundle"),
+    ("graph-str", _set("graphs.head", "head.onnx"), r"manifest graphs\.head must be an object with a file"),
+    ("graphs-list", _set("graphs", ["head"]), r"manifest graphs must be an object"),
+    ("graph-file-int", _set("graphs.tail.file", 5), r"graphs\.tail\.file must be a file name"),
+    ("graph-file-escape", _set("graphs.tail.file", "../tail.onnx"), r"outside the bundle"),
+    ("graph-inputs-int", _set("graphs.tail.inputs", 5), r"graphs\.tail\.inputs must be tensor names"),
+    ("latent-str", _set("latents.y", [12, "x", 15]), r"latents\.y must be 3 integers in 1\.\.65535"),
+    ("latent-2d", _set("latents.y", [12, 15]), r"latents\.y must be 3 integers"),
+    ("latent-zero", _set("latents.z", [8, 0, 4]), r"latents\.z must be 3 integers"),
+    ("latent-bool", _set("latents.z", [8, True, 4]), r"latents\.z must be 3 integers"),
+    ("latent-u16", _set("latents.y", [70000, 1, 1]), r"latents\.y must be 3 integers in 1\.\.65535"),
+    ("latent-huge", _set("latents.y", [65535, 65535, 65535]), r"latents\.y must be at most \d+ elements"),
+    ("latents-family", lambda m: m["latents"].pop("z"), r"latents must be an object with y and z"),
+    ("input-2d", _set("input.shape", [3, 64]), r"input\.shape must be 3 integers"),
+    ("input-grey", _set("input.shape", [1, 64, 64]), r"input\.shape must be \[3, H, W\]"),
+    ("input-huge", _set("input.shape", [3, 10**6, 64]), r"input\.shape must be 3 integers in 1\.\.8192"),
+    ("input-list", _set("input", [3, 64, 64]), r"manifest input must be an object"),
+    ("family", _set("family", "jpeg"), r"manifest family must be 'fp' or 'mshp'"),
+    ("fingerprint-short", _set("fingerprint", "abc"), r"manifest fingerprint must be 64 hex digits"),
+    ("fingerprint-int", _set("fingerprint", 5), r"manifest fingerprint must be 64 hex digits"),
+    ("engines-list", _set("engines", []), r"manifest engines must be an object"),
+    ("engine-escape", _set("engines", {"k": {"file": "../../x.engine"}}), r"outside the bundle"),
+    ("class-names", _set("model", {"class_names": "cat"}), r"model\.class_names must be a list of strings"),
+    ("model-str", _set("model", "tiny"), r"manifest model must be an object"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "match"), [c[1:] for c in MANIFEST_CASES], ids=[c[0] for c in MANIFEST_CASES])
+def test_malformed_manifest_is_a_bundle_error_naming_the_key(mshp_copy, mutate, match):
+    mp = mshp_copy / "manifest.json"
+    m = json.loads(mp.read_text())
+    mutate(m)
+    mp.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(mshp_copy)
+
+
+def test_manifest_that_is_not_an_object(mshp_copy):
+    (mshp_copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="not a splitbits bundle manifest"):
+        load_bundle(mshp_copy)
+
+
+def test_manifest_symlinked_out_of_the_bundle(mshp_copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(mshp_copy / "manifest.json", outside)  # a valid manifest, just not inside the bundle
+    (mshp_copy / "manifest.json").symlink_to(outside)
+    with pytest.raises(BundleError, match=r"manifest\.json is a symbolic link"):
+        load_bundle(mshp_copy)
+
+
+def test_listed_file_symlinked_even_inside_the_bundle(mshp_copy):
+    (mshp_copy / "tail.onnx").rename(mshp_copy / "tail.real")
+    (mshp_copy / "tail.onnx").symlink_to("tail.real")
+    with pytest.raises(BundleError, match=r"tail\.onnx is a symbolic link"):
+        load_bundle(mshp_copy)
+
+
+def test_listed_file_reached_through_a_directory_link_out_of_the_bundle(mshp_copy, tmp_path):
+    shutil.move(mshp_copy / "golden", tmp_path / "golden")
+    (mshp_copy / "golden").symlink_to(tmp_path / "golden")
+    with pytest.raises(BundleError, match=r"'golden/golden\.npz' points outside the bundle"):
+        load_bundle(mshp_copy)
+
+
+def test_listed_file_that_is_a_fifo_or_a_directory(mshp_copy):
+    import os
+
+    (mshp_copy / "golden" / "golden.npz").unlink()
+    os.mkfifo(mshp_copy / "golden" / "golden.npz")  # reading it would block forever
+    with pytest.raises(BundleError, match=r"golden/golden\.npz is not a regular file"):
+        load_bundle(mshp_copy)
+    (mshp_copy / "golden" / "golden.npz").unlink()
+    (mshp_copy / "golden" / "golden.npz").mkdir()
+    with pytest.raises(BundleError, match=r"golden/golden\.npz is not a regular file"):
+        load_bundle(mshp_copy)
+
+
+def test_manifest_that_is_a_fifo_or_a_directory(mshp_copy):
+    import os
+
+    (mshp_copy / "manifest.json").unlink()
+    os.mkfifo(mshp_copy / "manifest.json")
+    with pytest.raises(BundleError, match=r"manifest\.json is not a regular file"):
+        load_bundle(mshp_copy)
+
+
+def test_bundle_path_that_is_a_file(mshp_copy):
+    with pytest.raises(BundleError, match="is not a directory"):
+        load_bundle(mshp_copy / "manifest.json")
