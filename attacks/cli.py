@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from splitbits.runtime.cli import CliError, Command, missing_extra
+from splitbits.runtime.cli import (
+    CliError,
+    Command,
+    float_range,
+    int_range,
+    missing_extra,
+    output_file,
+    positive_float,
+    positive_int,
+)
 
 ATTACK_DESCRIPTION = """\
 Attack (or corrupt) a split model's inputs and measure the REAL packet bytes from the runtime.
@@ -47,19 +56,21 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attack", default="pgd-e", help="threat name, 'corruption', or a corruption name")
     g.add_argument("--eps", default="8", help="L∞ budget in units of 1/255 (or k/255, or see --eps-unit)")
     g.add_argument("--eps-unit", choices=("255", "unit"), default="255", help="unit of --eps numbers")
-    g.add_argument("--steps", type=int, default=20, help="PGD steps")
-    g.add_argument("--step-size", type=float, default=None, help="PGD step (fraction of [0,1]); default 2.5·ε/steps")
-    g.add_argument("--eot", type=int, default=16, help="EOT samples of the quantisation noise per step")
+    g.add_argument("--steps", type=positive_int, default=20, help="PGD steps")
+    g.add_argument("--step-size", type=positive_float, default=None,
+                   help="PGD step (fraction of [0,1]); default 2.5·ε/steps")
+    g.add_argument("--eot", type=positive_int, default=16, help="EOT samples of the quantisation noise per step")
     g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
     g.add_argument("--terms", default="y,z", help="rate terms the entropy attacks maximise: y, z or y,z")
     g.add_argument("--quant", choices=("noise", "ste"), default="noise",
                    help="gradient through quantisation: uniform noise (EOT) or straight-through rounding")
-    g.add_argument("--band", type=float, default=0.25, help="pgd-e-lowfreq: fraction of the DCT band kept")
+    g.add_argument("--band", type=float_range(0, 1, lo_open=True), default=0.25,
+                   help="pgd-e-lowfreq: fraction of the DCT band kept")
     g.add_argument("--through", default="oatv", help="pgd-e-bpda/-region: the defence attacked (oatv, tv, jpeg)")
     g.add_argument("--through-grad", choices=("bpda", "unroll"), default="bpda",
                    help="pgd-e-bpda: identity backward (BPDA) or autograd through every defence iteration")
     g.add_argument("--corruption", default=None, help="corruption name (with --attack corruption)")
-    g.add_argument("--severity", type=int, default=3, help="corruption severity 1..5")
+    g.add_argument("--severity", type=int_range(1, 5), default=3, help="corruption severity 1..5")
     d = p.add_argument_group("defence")
     d.add_argument("--defence", action="append", default=[], metavar="SPEC",
                    help="measure also with this defence (repeatable): oatv, tv, jpeg, "
@@ -67,16 +78,16 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("data and run")
     s.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH or imagenet-c:PATH?...")
     s.add_argument("--split", default="val")
-    s.add_argument("--limit", type=int, default=64, help="first N images of the split")
-    s.add_argument("--image-size", type=int, default=None, help="default: the model's input size")
-    s.add_argument("--batch", type=int, default=32, help="images per attack batch (EOT multiplies it)")
+    s.add_argument("--limit", type=positive_int, default=64, help="first N images of the split")
+    s.add_argument("--image-size", type=int_range(16, 8192), default=None, help="default: the model's input size")
+    s.add_argument("--batch", type=positive_int, default=32, help="images per attack batch (EOT multiplies it)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torch side; bytes always on ORT)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint", default=None, help="checkpoint of a bundle whose manifest has no source")
     s.add_argument("--bundle", default=None, help="bundle of a checkpoint TARGET (default: cached export)")
-    s.add_argument("--json", default=None, metavar="FILE", help="write the full result as JSON")
-    s.add_argument("--save-inputs", default=None, metavar="FILE.npz",
+    s.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the full result as JSON")
+    s.add_argument("--save-inputs", type=output_file, default=None, metavar="FILE.npz",
                    help="write the attacked uint8 NHWC images and labels (for the on-device bench)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 

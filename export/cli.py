@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from splitbits.runtime.cli import CliError, Command, missing_extra
+from splitbits.runtime.cli import (
+    CliError,
+    Command,
+    existing_file,
+    int_range,
+    missing_extra,
+    nonneg_float,
+    output_file,
+    positive_int,
+)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,21 +24,21 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--dataset", default="builtin",
                    help="where the golden inputs come from (builtin, imagefolder:PATH, ...)")
-    p.add_argument("--golden", type=int, default=8, help="number of golden images")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (TensorRT 10.3 accepts ≤ 20)")
-    p.add_argument("--json", metavar="FILE", help="write the export summary as JSON")
+    p.add_argument("--golden", type=positive_int, default=8, help="number of golden images")
+    p.add_argument("--opset", type=int_range(7, 20), default=17, help="ONNX opset (TensorRT 10.3 accepts ≤ 20)")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the export summary as JSON")
     g = p.add_argument_group("sc2bench checkpoints (no embedded spec)")
     g.add_argument("--arch", choices=["tiny", "resnet50", "resnet101", "regnety_064"])
     g.add_argument("--family", choices=["fp", "mshp"])
-    g.add_argument("--num-classes", type=int, default=1000)
-    g.add_argument("--input-size", type=int, default=224)
+    g.add_argument("--num-classes", type=positive_int, default=1000)
+    g.add_argument("--input-size", type=int_range(16, 8192), default=224)
     t = p.add_argument_group("TensorRT engines (source is a bundle directory; run on the target device)")
     t.add_argument("--trt", action="store_true", help="build head/hyper/tail engines for this GPU into the bundle")
     t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
                    help="engine precision; GDN and entropy-model inputs stay FP32, hyper is always FP32")
-    t.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
-    t.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (None: --max-batch)")
-    t.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace limit")
+    t.add_argument("--max-batch", type=positive_int, default=1, help="largest batch of the optimisation profile")
+    t.add_argument("--opt-batch", type=positive_int, default=None, help="batch TensorRT tunes for (None: --max-batch)")
+    t.add_argument("--workspace-mib", type=positive_int, default=1024, help="builder workspace limit")
     t.add_argument("--graphs", default=None, help="comma-separated subset of head,hyper,tail")
     typing = t.add_mutually_exclusive_group()
     typing.add_argument("--strongly-typed", dest="strongly_typed", action="store_true", default=None,
@@ -37,13 +46,14 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                         "None: weak for fp32/fp16 on TensorRT 10, strong for int8 and on TensorRT 11")
     typing.add_argument("--weakly-typed", dest="strongly_typed", action="store_false", default=None,
                         help="builder flags + per-layer FP32 pins (TensorRT 10 only)")
-    t.add_argument("--calib", type=int, default=64, help="INT8: calibration images from --dataset")
+    t.add_argument("--calib", type=positive_int, default=64, help="INT8: calibration images from --dataset")
     t.add_argument("--calib-split", default="train", help="INT8: dataset split for calibration")
-    t.add_argument("--calib-inputs", metavar="FILE.npz", help="INT8: calibration images from a file instead")
+    t.add_argument("--calib-inputs", type=existing_file, metavar="FILE.npz",
+                   help="INT8: calibration images from a file instead")
     t.add_argument("--onnx-only", action="store_true",
                    help="no TensorRT: prepare the ONNX (mixed FP16 / Q/DQ) and check it with ONNX Runtime")
-    t.add_argument("--atol", type=float, default=None, help="override the verification atol of this precision")
-    t.add_argument("--rtol", type=float, default=None, help="override the verification rtol of this precision")
+    t.add_argument("--atol", type=nonneg_float, default=None, help="override the verification atol of this precision")
+    t.add_argument("--rtol", type=nonneg_float, default=None, help="override the verification rtol of this precision")
 
 
 def _is_bundle_dir(path: str) -> bool:
@@ -140,6 +150,7 @@ def run_export(args: argparse.Namespace) -> int:
           f"verified on onnxruntime: top-1 {v.top1_agree}/{v.images}, packets {v.packets_ok}/{v.images}, "
           f"max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.max_abs_err.items()))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
@@ -148,7 +159,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (checkpoints are cached here)")
     p.add_argument("--family", choices=["mshp", "fp"], default="mshp", help="entropy model of the student")
     p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation images only")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N validation images only")
     p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
     p.add_argument("--hyper", choices=["auto", "int", "float"], default="auto",
                    help="MSHP hyper path of the edge encoder: int (deterministic across devices; auto picks it) "

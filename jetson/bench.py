@@ -153,6 +153,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         raise CliError("--power on needs tegrastats (a Jetson), which is not on PATH here; use --power auto/off")
     rss0 = _rss_mb()
     bundle = load_bundle(args.bundle)
+    inputs = inputs_from_args(bundle.input_shape, args)  # bad inputs fail before any model work
     be = _backend(args, bundle)
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -177,8 +178,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         result["reason"] = "golden verification failed: " + "; ".join(rep.problems)
         return result, EXIT_REFUSED
 
-    # 2. inputs
-    inputs = inputs_from_args(bundle.input_shape, args)
+    # 2. inputs (read above)
     if args.save_inputs:
         save_inputs(args.save_inputs, inputs)
     result["inputs"] = {"name": inputs.name, "count": len(inputs), **inputs.meta}

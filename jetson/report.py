@@ -35,7 +35,7 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     for f in files:
         try:
             data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError (not a text file)
             log.warning("skipping %s: %s", f, exc)
             continue
         if not isinstance(data, dict) or data.get("schema") not in SCHEMAS:

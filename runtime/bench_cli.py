@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
 from splitbits.runtime.cli import CliError, Command
 
@@ -28,6 +29,10 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.target not in TARGETS and not Path(args.target).is_dir():
+        what = "no such file or directory" if not Path(args.target).exists() else "not a directory"
+        raise CliError(f"{args.target!r} is neither a bench target ({', '.join(TARGETS)}) nor a bundle directory "
+                       f"({what})")
     modname = TARGETS.get(args.target, BUNDLE_TARGET)
     try:
         mod = importlib.import_module(modname)

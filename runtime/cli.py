@@ -4,6 +4,14 @@ Each subpackage owns a ``cli`` module with a ``COMMANDS`` mapping
 ``name -> Command(help, add_arguments, run)``. Those modules import only the standard library at
 module level, so ``splitbits --help`` works on a device that has the runtime extra only; a command
 imports its heavy dependencies when it runs and says which extra is missing if one is.
+
+Errors: bad input is the user's to fix and gets one line and exit status 2, never a traceback:
+argparse's usage error for a value that is wrong at parse time (the ``type=`` validators below:
+ranges, ports, coders, paths), ``splitbits CMD: error: ...`` for a :class:`CliError`, any
+:class:`~splitbits.runtime.errors.SplitbitsError` (raised where the problem is found: ``BundleError``,
+``DatasetError``, ``InputError``, ...) and any ``OSError`` (a path, a socket, memory). Any other
+exception is a bug: one ``internal error`` line and exit status 1; ``splitbits -v CMD`` prints the
+traceback. ``main`` returns the status (argparse errors included); only ``--help`` raises SystemExit.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ def missing_extra(exc: ImportError, extra: str) -> CliError:
 
 def _bounds_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
     if lo is not None and hi is not None:
-        return f"between {lo} and {hi}"
+        return f"in ({lo}, {hi}]" if lo_open else f"in {lo}..{hi}"
     if lo is not None:
         return f"greater than {lo}" if lo_open else f"at least {lo}"
     return f"at most {hi}"
@@ -122,6 +130,13 @@ def existing_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
     if not os.access(p, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a path that exists (a file or a directory)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
     return text
 
 
@@ -208,9 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_status(exc: SystemExit) -> int:
+    """An argparse usage error (exit 2) as main's return value; ``--help`` (exit 0) stays an exit."""
+    if exc.code in (0, None):
+        raise exc
+    return exc.code if isinstance(exc.code, int) else 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; bad input is one line on stderr and exit status 2 (see the module doc)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return _exit_status(exc)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -227,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # a target's own parser (``bench TARGET ...``)
+        return _exit_status(exc)
     except OSError as exc:  # the system refused a path, a socket, memory: the user's to fix, not a bug
         if args.verbose:
             traceback.print_exc()
