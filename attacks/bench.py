@@ -147,6 +147,9 @@ def main(args: argparse.Namespace) -> int:
             raise CliError(f"--{k.replace('_', '-')} must be >= 1")
     if not 0 <= args.eps <= 255:
         raise CliError(f"--eps {args.eps} is outside [0, 255] (units of 1/255)")
+    from splitbits.attacks.commands import check_device
+
+    check_device(args.device)
     res = run_bench(args)
     rows = [(k, res[k]["images"], res[k]["seconds"], res[k]["images_per_s"], res[k]["rate_attacked_bits"])
             for k in ("batched", "per_image", "per_image_sequential_eot") if k in res]

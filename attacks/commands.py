@@ -30,6 +30,21 @@ def machine_info() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def check_device(name: str):  # -> torch.device
+    """``--device`` as a torch device that exists here, else a :class:`CliError`."""
+    import torch
+
+    from splitbits.attacks.runner import TargetError, pick_device
+
+    try:
+        dev = pick_device(name)
+    except (TargetError, RuntimeError) as exc:  # RuntimeError: torch cannot parse the name
+        raise CliError(f"--device {name}: {exc}") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def build_perturbation(args: argparse.Namespace):
     """Validate the threat options of ``splitbits attack`` (no work yet)."""
     from splitbits.attacks.runner import Perturbation
@@ -94,7 +109,6 @@ def attack_command(args: argparse.Namespace) -> int:
         RuntimeMeter,
         TargetError,
         evaluate_point,
-        pick_device,
         resolve_target,
     )
     from splitbits.runtime.report import rich_table, write_json
@@ -106,8 +120,8 @@ def attack_command(args: argparse.Namespace) -> int:
         raise CliError("--batch must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = check_device(args.device)
     try:
-        dev = pick_device(args.device)
         target = resolve_target(args.target, checkpoint=args.checkpoint, bundle=args.bundle, device=dev)
     except TargetError as exc:
         raise CliError(str(exc)) from None
@@ -185,6 +199,8 @@ def campaign_command(args: argparse.Namespace) -> int:
         c = load_campaign(args.config)
     except CampaignError as exc:
         raise CliError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{args.config}: not a text (YAML) file ({exc.reason} at byte {exc.start})") from None
     out = Path(args.out or c.config["out"] or Path("runs") / "campaigns" / c.config["name"])
     if args.report_only:
         db = out / "results.sqlite"

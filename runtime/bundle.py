@@ -87,12 +87,17 @@ class CodecParams:
         except Exception as exc:  # zipfile/ValueError/OSError on a damaged file
             raise BundleError(f"{path}: unreadable codec tables ({exc})") from exc
 
-        def need(key: str) -> np.ndarray:
+        def need(key: str, scalar: bool = False) -> np.ndarray:
             if key not in arrays:
                 raise BundleError(f"{path}: missing array {key!r}")
-            return arrays[key]
+            a = arrays[key]
+            finite = a.dtype.kind in "biu" or (a.dtype.kind == "f" and bool(np.isfinite(a).all()))
+            if not finite or (scalar and a.size != 1):
+                raise BundleError(f"{path}: array {key!r} must be {'one number' if scalar else 'finite numbers'}, "
+                                  f"got {a.dtype} {a.shape}")
+            return a
 
-        precision = int(need("precision"))
+        precision = int(need("precision", scalar=True))
 
         def tables(prefix: str) -> CdfTables:
             return CdfTables.create(need(f"{prefix}_cdf"), need(f"{prefix}_cdf_length"),
@@ -114,7 +119,7 @@ class CodecParams:
             if st.shape != (y.num_tables,) or (np.diff(st) <= 0).any() or st[0] <= 0:
                 raise BundleError(f"{path}: scale_table must be increasing, positive, one per y table")
             return cls(family, y, z_tables=z, z_medians=zmed, scale_table=st,
-                       scale_bound=float(need("scale_bound")))
+                       scale_bound=float(need("scale_bound", scalar=True)))
         raise BundleError(f"unknown family {family!r}")
 
 

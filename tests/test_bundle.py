@@ -283,3 +283,26 @@ def test_manifest_that_is_a_fifo_or_a_directory(mshp_copy):
 def test_bundle_path_that_is_a_file(mshp_copy):
     with pytest.raises(BundleError, match="is not a directory"):
         load_bundle(mshp_copy / "manifest.json")
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("y_cdf", np.array([["x"]]), r"array 'y_cdf' must be finite numbers"),
+    ("scale_bound", np.array("x"), r"array 'scale_bound' must be one number"),
+    ("precision", np.array([16, 16]), r"array 'precision' must be one number"),
+    ("z_medians", np.full(8, np.nan, np.float32), r"array 'z_medians' must be finite numbers"),
+])
+def test_malformed_codec_tables_with_valid_hashes(mshp_copy, key, value, match):
+    """Someone who can write the bundle can also fix its hashes: the tables are checked all the same."""
+    from splitbits.runtime.bundle import fingerprint_of, sha256_file
+
+    codec = mshp_copy / "codec.npz"
+    arrays = dict(np.load(codec))
+    arrays[key] = value
+    np.savez(codec, **arrays)
+    mp = mshp_copy / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["files"]["codec.npz"] = {"sha256": sha256_file(codec), "bytes": codec.stat().st_size}
+    m["fingerprint"] = fingerprint_of(m["files"])
+    mp.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(mshp_copy)
