@@ -35,6 +35,7 @@ import numpy as np
 from splitbits.runtime.cli import (
     CliError,
     add_input_arguments,
+    backend_name,
     coder_name,
     nonneg_float,
     nonneg_int,
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=type("F", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
     p.add_argument("bundle", help="bundle directory")
     b = p.add_argument_group("backend")
-    b.add_argument("--backend", default="auto",
+    b.add_argument("--backend", type=backend_name, default="auto",
                    help="auto (TensorRT where this bundle has engines for this device, else ONNX Runtime CPU), "
                         "onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     b.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to run (tensorrt/auto)")

@@ -121,6 +121,20 @@ def coder_name(text: str) -> str:
     return text
 
 
+def backend_name(text: str) -> str:
+    """An argparse type: ``auto`` or an inference backend of ``splitbits.runtime.backends`` that a
+    command can build from a bundle (not ``torch``: the export's reference needs the model object)."""
+    from splitbits.runtime.backends import BACKENDS
+
+    if text == "torch":
+        raise argparse.ArgumentTypeError("the torch backend is the export's in-process reference (it needs the model "
+                                         "object); use onnxruntime, onnxruntime-cuda, onnxruntime-trt or tensorrt")
+    if text != "auto" and text not in BACKENDS:
+        choices = ", ".join(["auto", *(b for b in BACKENDS if b != "torch")])
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {choices}")
+    return text
+
+
 def existing_file(text: str) -> str:
     """An argparse type: a path to an existing regular file (or something readable like one)."""
     p = Path(text)

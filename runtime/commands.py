@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from splitbits.runtime.cli import Command, coder_name, output_file
+from splitbits.runtime.cli import Command, backend_name, coder_name, output_file
 
 
 def add_warmup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", nargs="?", help="also load and run this bundle once")
-    p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt")
+    p.add_argument("--backend", type=backend_name, default="auto", help="auto, onnxruntime, tensorrt")
     p.add_argument("--coder", type=coder_name, default=None, help="coder to warm (default: all available)")
 
 
@@ -46,7 +46,8 @@ def run_warmup(args: argparse.Namespace) -> int:
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory")
-    p.add_argument("--backend", default="onnxruntime", help="backend to verify against golden/")
+    p.add_argument("--backend", type=backend_name, default="onnxruntime",
+                   help="backend to verify against golden/")
     p.add_argument("--coder", type=coder_name, default=None, help="coder for the end-to-end check")
     p.add_argument("--json", type=output_file, metavar="FILE", help="write the report as JSON")
 
