@@ -1,10 +1,14 @@
 """``splitbits send``: the edge client. Encodes images on the edge, sends the packets to a
-``splitbits serve`` server over TCP (optionally paced by an emulated 1/10/100 Mbit/s link) and
-collects the answers with per-stage timings.
+``splitbits serve`` server over TCP or TLS (optionally paced by an emulated 1/10/100 Mbit/s link)
+and collects the answers with per-stage timings.
 
 ``LinkClient`` is one connection: requests are pipelined (up to ``concurrency`` in flight) and
 matched to answers by request id; an answer for an unknown or already answered id is counted in
-``unexpected`` (the load test asserts it stays 0).
+``unexpected`` (the load test asserts it stays 0). Its socket counts every byte the kernel takes
+from it and hands to it (``LinkStats``: TCP payload, so TLS records and handshakes included, TCP/IP
+headers not): what TLS adds per packet is measured, never modelled. A connection the server
+refuses or closes (an ERROR with request id 0, a TLS alert, an end of stream) records why in
+``connection_error``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,10 +31,105 @@ from splitbits.runtime import link
 from splitbits.runtime.errors import SplitbitsError
 
 MODEL_RATES_MBPS = (1.0, 10.0, 100.0)
+#: longest server reason kept (a hostile server must not flood the terminal)
+MAX_REASON_CHARS = 300
 
 
 class LinkError(SplitbitsError):
     """The connection to the server failed or the server sent something unusable."""
+
+
+class _CountingSocket(socket.socket):
+    """A TCP socket that counts the bytes the kernel accepted from it and returned to it (the
+    methods asyncio's socket transport calls)."""
+
+    bytes_sent = 0
+    bytes_received = 0
+
+    def send(self, data: Any, *args: Any) -> int:
+        n = super().send(data, *args)
+        self.bytes_sent += n
+        return n
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        n = super().sendmsg(buffers, *args)
+        self.bytes_sent += n
+        return n
+
+    def recv(self, n: int, *args: Any) -> bytes:
+        data = super().recv(n, *args)
+        self.bytes_received += len(data)
+        return data
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        n = super().recv_into(buffer, *args)
+        self.bytes_received += n
+        return n
+
+
+async def _open_counting_socket(host: str, port: int) -> _CountingSocket:
+    """A connected, non-blocking counting socket (each resolved address in turn)."""
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    for family, kind, proto, _, addr in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = _CountingSocket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last or OSError(f"no address for {host}")
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "…"
+
+
+def connection_reason(body: bytes) -> str:
+    """The server's reason from an ERROR frame with request id 0, as one line."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+        err, msg = str(obj.get("error")), str(obj.get("message"))
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return _one_line("server closed the connection: " + body[:MAX_REASON_CHARS].decode("utf-8", "replace"))
+    what = "refused the connection" if err == "Busy" else "closed the connection"
+    return _one_line(f"server {what}: {err}: {msg}")
+
+
+def _tls_reason(exc: BaseException) -> str:
+    text = link.tls_error_text(exc)
+    if "alert" in text and ("certificate" in text or "unknown ca" in text):
+        return _one_line(f"server refused the connection: TLS {text} (this device's certificate is missing "
+                         "or not enrolled at the server)")
+    return _one_line(f"TLS error: {text}")
+
+
+@dataclass
+class LinkStats:
+    """What one connection put on and took off the wire (bytes counted at the TCP socket)."""
+
+    transport: str  # "tcp" or "tls"
+    connect_ms: float
+    handshake_ms: float | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    #: socket bytes up to the end of the TLS handshake (0 on plain TCP)
+    handshake_bytes_sent: int = 0
+    handshake_bytes_received: int = 0
+    #: socket bytes over the whole connection (handshake, requests, answers, close)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    #: the link protocol's own bytes (frames, length prefixes included)
+    frames_sent: int = 0
+    frame_bytes_sent: int = 0
+    frames_received: int = 0
+    frame_bytes_received: int = 0
 
 
 @dataclass
@@ -44,28 +146,64 @@ class Reply:
 
 
 class LinkClient:
-    """One TCP connection to a server; ``await request(packet)`` → :class:`Reply`."""
+    """One connection to a server, plain TCP or TLS (``tls``: ``link.client_tls_context``);
+    ``await request(packet)`` → :class:`Reply`."""
 
     def __init__(self, host: str, port: int, *, mbps: float | None = None, timeout_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         self.host, self.port = host, port
         self.bucket = link.TokenBucket(mbps, clock=clock) if mbps else None
         self.timeout_s = timeout_s
+        self.tls = tls
+        self.server_hostname = server_hostname
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, float]] = {}
         self._send_lock: asyncio.Lock | None = None
         self._reader_task: asyncio.Task | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._sock: _CountingSocket | None = None
         self.unexpected = 0
         self.connection_error: str | None = None
+        self.stats = LinkStats(transport="tls" if tls is not None else "tcp", connect_ms=0.0)
 
     async def connect(self) -> LinkClient:
+        where = f"{self.host}:{self.port}"
+        t0 = time.perf_counter()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout_s)
+            sock = await asyncio.wait_for(_open_counting_socket(self.host, self.port), self.timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise LinkError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+            raise LinkError(f"cannot connect to {where}: {why}") from exc
+        self._sock = sock
+        t1 = time.perf_counter()
+        self.stats.connect_ms = (t1 - t0) * 1e3
+        tls_args: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_args = {"ssl": self.tls, "server_hostname": self.server_hostname or self.host,
+                        "ssl_handshake_timeout": self.timeout_s}
+        try:
+            self._reader, self._writer = await asyncio.open_connection(sock=sock, **tls_args)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise LinkError(f"TLS handshake with {where} failed: server certificate not trusted "
+                            f"({link.tls_error_text(exc)})") from exc
+        except ssl.SSLError as exc:
+            sock.close()
+            text = link.tls_error_text(exc)
+            hint = " (is the server using TLS?)" if "wrong version" in text or "record" in text else ""
+            raise LinkError(f"TLS handshake with {where} failed: {text}{hint}") from exc
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+            raise LinkError(f"TLS handshake with {where} failed: {why}") from exc
+        if self.tls is not None:
+            st, obj = self.stats, self._writer.get_extra_info("ssl_object")
+            st.handshake_ms = (time.perf_counter() - t1) * 1e3
+            st.tls_version = obj.version() if obj is not None else None
+            st.cipher = (obj.cipher() or (None,))[0] if obj is not None else None
+            st.handshake_bytes_sent, st.handshake_bytes_received = sock.bytes_sent, sock.bytes_received
         self._send_lock = asyncio.Lock()
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
         return self
@@ -76,16 +214,23 @@ class LinkClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def link_stats(self) -> LinkStats:
+        """The byte counts so far (all of the connection once it is closed)."""
+        if self._sock is not None:
+            self.stats.bytes_sent, self.stats.bytes_received = self._sock.bytes_sent, self._sock.bytes_received
+        return self.stats
+
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._writer.wait_closed()
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._writer.wait_closed(), 5.0)
         if self._reader_task is not None:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader_task
         self._fail_all("connection closed")
+        self.link_stats()
 
     def _fail_all(self, why: str) -> None:
         for fut, _ in self._pending.values():
@@ -99,13 +244,15 @@ class LinkClient:
             while True:
                 frame = await link.read_frame(self._reader, link.MAX_RESPONSE_BYTES)
                 if frame is None:
-                    self.connection_error = "server closed the connection"
+                    self.connection_error = self._closed_reason()
                     break
                 now = time.perf_counter()
+                self.stats.frames_received += 1
+                self.stats.frame_bytes_received += link.HEADER_BYTES + len(frame.body)
                 entry = self._pending.pop(frame.request_id, None)
                 if entry is None:
                     if frame.request_id == 0 and frame.kind == link.KIND_ERROR:
-                        self.connection_error = frame.body.decode("utf-8", "replace")
+                        self.connection_error = connection_reason(frame.body)
                         break
                     self.unexpected += 1
                     continue
@@ -116,32 +263,52 @@ class LinkClient:
                     body = {"error": "BadReply", "message": "server answer is not JSON"}
                 if not fut.done():
                     fut.set_result((frame.kind == link.KIND_RESULT, body, (now - t0) * 1e3))
+        except ssl.SSLError as exc:
+            self.connection_error = _tls_reason(exc)
+        except ConnectionResetError:
+            self.connection_error = self._closed_reason()
         except (link.FrameError, ConnectionError, OSError) as exc:
-            self.connection_error = str(exc)
-        self._fail_all(f"connection lost: {self.connection_error}")
+            self.connection_error = _one_line(f"connection lost: {exc}")
+        self._fail_all(self.connection_error or "connection lost")
+
+    def _closed_reason(self) -> str:
+        if self.stats.frames_received:
+            return "server closed the connection"
+        if self.tls is not None:
+            # Python's TLS server drops a client whose certificate it rejects without a TLS alert
+            return ("server refused the connection: it closed the TLS connection without answering, as a "
+                    "mutual-TLS server does when it does not accept this device's certificate (or none was given)")
+        return "server closed the connection before any answer"
+
+    async def _write(self, data: bytes) -> float:
+        assert self._writer is not None and self._send_lock is not None
+        async with self._send_lock:
+            spent = await link.paced_write(self._writer, data, self.bucket)
+        self.stats.frames_sent += 1
+        self.stats.frame_bytes_sent += len(data)
+        return spent
 
     async def send_raw(self, data: bytes) -> float:
         """Write raw bytes (paced); for tests of hostile input. Returns seconds spent writing."""
-        assert self._writer is not None and self._send_lock is not None
-        async with self._send_lock:
-            return await link.paced_write(self._writer, data, self.bucket)
+        return await self._write(data)
 
     async def request(self, packet: bytes, want_logits: bool = False) -> Reply:
         if self._writer is None or self._send_lock is None:
             raise LinkError("not connected")
         if self.connection_error:
-            raise LinkError(f"connection unusable: {self.connection_error}")
+            raise LinkError(self.connection_error)
         rid = (next(self._ids) - 1) % 0xFFFFFFFF + 1  # 1 .. 2^32-1; 0 is the connection-level id
         frame = link.encode_frame(link.KIND_INFER, rid, packet, link.FLAG_LOGITS if want_logits else 0)
         fut = asyncio.get_running_loop().create_future()
         t0 = time.perf_counter()
         self._pending[rid] = (fut, t0)
         try:
-            async with self._send_lock:
-                send_s = await link.paced_write(self._writer, frame, self.bucket)
+            send_s = await self._write(frame)
         except (ConnectionError, OSError) as exc:
             self._pending.pop(rid, None)
-            raise LinkError(f"send failed: {exc}") from exc
+            if self._reader_task is not None:  # the server may have said why before it closed
+                await asyncio.wait({self._reader_task}, timeout=1.0)
+            raise LinkError(self.connection_error or f"send failed: {exc}") from exc
         try:
             ok, body, rtt_ms = await asyncio.wait_for(fut, self.timeout_s)
         except asyncio.TimeoutError as exc:
@@ -171,13 +338,26 @@ class SendRecord:
     error: str | None = None
 
 
+@dataclass
+class SendOutcome:
+    """What ``send_images`` did: a record per image sent, the wall time, each connection's bytes
+    and why connections ended early (refused, closed or lost; images not sent have no record)."""
+
+    records: list[SendRecord]
+    wall_s: float
+    links: list[LinkStats]
+    connection_errors: list[str]
+
+
 async def send_images(encoder, host: str, port: int, images: np.ndarray, labels: Sequence[int], *,
                       mbps: float | None = None, concurrency: int = 1, connections: int = 1,
-                      progress: Callable[[int], None] | None = None) -> tuple[list[SendRecord], float]:
-    """Encode each image on this machine, send it, await its answer; returns (records, wall seconds).
+                      progress: Callable[[int], None] | None = None, tls: ssl.SSLContext | None = None,
+                      server_hostname: str | None = None, timeout_s: float = 60.0) -> SendOutcome:
+    """Encode each image on this machine, send it, await its answer.
 
     ``connections`` clients each keep up to ``concurrency`` requests in flight; encoding runs in
-    one worker thread (as on an edge device) so answers are read while the next image encodes.
+    one worker thread (as on an edge device) so answers are read while the next image encodes. A
+    connection the server refused or closed stops taking images (its reason is kept).
     """
     if concurrency < 1 or connections < 1:
         raise ValueError("concurrency and connections must be at least 1")
@@ -188,7 +368,7 @@ async def send_images(encoder, host: str, port: int, images: np.ndarray, labels:
     t_start = time.perf_counter()
 
     async def worker(client: LinkClient) -> None:
-        while (i := next(next_index)) < len(images):
+        while not client.connection_error and (i := next(next_index)) < len(images):
             res = await loop.run_in_executor(pool, encoder.analyze, images[i])
             edge = dict(res.timings_ms)
             try:
@@ -207,7 +387,8 @@ async def send_images(encoder, host: str, port: int, images: np.ndarray, labels:
             if progress is not None:
                 progress(1)
 
-    clients = [LinkClient(host, port, mbps=mbps) for _ in range(connections)]
+    clients = [LinkClient(host, port, mbps=mbps, tls=tls, server_hostname=server_hostname, timeout_s=timeout_s)
+               for _ in range(connections)]
     try:
         for c in clients:
             await c.connect()
@@ -216,11 +397,54 @@ async def send_images(encoder, host: str, port: int, images: np.ndarray, labels:
         for c in clients:
             await c.close()
         pool.shutdown(wait=True)
-    return [r for r in records if r is not None], time.perf_counter() - t_start
+    return SendOutcome([r for r in records if r is not None], time.perf_counter() - t_start,
+                       [c.link_stats() for c in clients if c._sock is not None],
+                       [c.connection_error for c in clients if c.connection_error])
 
 
-def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None) -> dict[str, Any]:
-    """The ``send`` result: latency percentiles per stage, bytes, link times, accuracy, errors."""
+def summarize_wire(links: Sequence[LinkStats]) -> dict[str, Any]:
+    """Bytes measured at the TCP socket, in total and per request, beside the link protocol's own
+    frame bytes: their difference is what the transport (TLS records, handshake) adds."""
+    from splitbits.runtime.report import summary
+
+    if not links:
+        return {}
+    n = sum(x.frames_sent for x in links)
+    sent = sum(x.bytes_sent - x.handshake_bytes_sent for x in links)
+    received = sum(x.bytes_received - x.handshake_bytes_received for x in links)
+    f_sent = sum(x.frame_bytes_sent for x in links)
+    f_received = sum(x.frame_bytes_received for x in links)
+    tls = [x for x in links if x.transport == "tls"]
+    out: dict[str, Any] = {
+        "transport": links[0].transport,
+        "measured_at": "TCP socket (bytes the kernel took/gave: TLS records included, TCP/IP headers not)",
+        "requests": n,
+        "bytes_sent": sum(x.bytes_sent for x in links),
+        "bytes_received": sum(x.bytes_received for x in links),
+        # after the handshake; includes per-connection TLS messages (session tickets, close alerts)
+        "per_request": {
+            "wire_sent": sent / n, "wire_received": received / n,
+            "frame_sent": f_sent / n, "frame_received": f_received / n,
+            "overhead_sent": (sent - f_sent) / n, "overhead_received": (received - f_received) / n,
+        } if n else {},
+        "connect_ms": summary([x.connect_ms for x in links]),
+        "connections": [asdict(x) for x in links],
+    }
+    if tls:
+        out["tls"] = {
+            "version": sorted({x.tls_version for x in tls if x.tls_version}),
+            "cipher": sorted({x.cipher for x in tls if x.cipher}),
+            "handshake_ms": summary([x.handshake_ms for x in tls if x.handshake_ms is not None]),
+            "handshake_bytes_sent": summary([x.handshake_bytes_sent for x in tls]),
+            "handshake_bytes_received": summary([x.handshake_bytes_received for x in tls]),
+        }
+    return out
+
+
+def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None,
+                   links: Sequence[LinkStats] = ()) -> dict[str, Any]:
+    """The ``send`` result: latency percentiles per stage, bytes (packets and, with ``links``, on
+    the wire), link times, accuracy, errors."""
     from collections import Counter
 
     from splitbits.runtime.report import summary
@@ -242,6 +466,7 @@ def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None)
         "images": len(records),
         "answered_ok": len(ok),
         "errors": dict(Counter((r.error or "").split(":")[0] for r in records if not r.ok)),
+        "error_reasons": dict(Counter(r.error or "" for r in records if not r.ok).most_common(10)),
         "latency_ms": {k: summary(v) for k, v in sorted(stages.items())},
         "bytes": {"packet": summary(sizes), "ideal": summary([r.ideal_bytes for r in records])},
         "link": {
@@ -249,6 +474,7 @@ def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None)
             "model_ms": {f"{m:g}": link.transmit_seconds(round(mean_bytes), m) * 1e3
                          for m in MODEL_RATES_MBPS} if sizes else {},
         },
+        "wire": summarize_wire(links),
         "accuracy": {"top1": (sum(r.predicted == r.label for r in labelled) / len(labelled)) if labelled else None,
                      "labelled": len(labelled)},
         "batch_mean": float(np.mean([r.batch for r in ok])) if ok else 0.0,

@@ -11,7 +11,13 @@ Frames (both directions, big-endian)::
 The server bounds ``length`` before reading the body; a frame whose length is out of bounds
 cannot be skipped safely, so the server answers it with an ERROR (request id 0) and closes that
 connection only. A well-framed request with a bad packet gets an ERROR with its own id and the
-connection goes on.
+connection goes on. An ERROR with request id 0 is about the connection (refused at the connection
+limit, a frame or idle deadline missed, an impossible frame): its JSON says why, then the server
+closes.
+
+The link runs over plain TCP or TLS (``server_tls_context`` / ``client_tls_context``: TLS 1.2 at
+least, 1.3 when both ends have it; with a client CA the server requires a client certificate signed
+by it, i.e. mutual TLS, so only enrolled devices are served).
 
 ``TokenBucket`` paces bytes at a link rate (Mbit/s) so a client can show how long a packet takes
 on a 1, 10 or 100 Mbit/s link; its clock is injectable, so its arithmetic is tested without time.
@@ -21,11 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from splitbits.runtime.errors import SplitbitsError
 
 KIND_INFER = 1
 KIND_RESULT = 2
@@ -90,12 +100,15 @@ def decode_frame(data: bytes) -> Frame:
     return Frame(kind, flags, rid, bytes(data[_HDR.size:]))
 
 
-async def read_frame(reader, max_bytes: int) -> Frame | None:
-    """Read one frame from an ``asyncio.StreamReader``; ``None`` at a clean end of stream."""
+async def read_frame(reader, max_bytes: int, head: bytes = b"") -> Frame | None:
+    """Read one frame from an ``asyncio.StreamReader``; ``None`` at a clean end of stream.
+
+    ``head`` is the start of the length prefix when the caller already read it (the server reads
+    a frame's first byte on its own to start the frame's deadline)."""
     try:
-        prefix = await reader.readexactly(_LEN.size)
+        prefix = head + await reader.readexactly(_LEN.size - len(head))
     except asyncio.IncompleteReadError as exc:
-        if exc.partial:
+        if exc.partial or head:
             raise FrameError("connection closed inside a length prefix") from exc
         return None
     n = frame_length(prefix, max_bytes)
@@ -119,6 +132,76 @@ def parse_hostport(text: str, default_port: int = 5800) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host or "127.0.0.1", int(port)
+
+
+# --------------------------------------------------------------------------------------------
+# TLS
+# --------------------------------------------------------------------------------------------
+
+
+class TLSConfigError(SplitbitsError):
+    """A certificate, key or CA file that cannot be used (missing, unreadable, not PEM, mismatched)."""
+
+
+def _no_password() -> bytes:
+    raise TLSConfigError("the private key is encrypted; give an unencrypted key file (keep it readable by "
+                         "this user only)")
+
+
+def _load(what: str, path: str | Path, load: Callable[[], None]) -> None:
+    if not Path(path).is_file():
+        raise TLSConfigError(f"{what} {path}: no such file")
+    try:
+        load()
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"{what} {path}: not usable ({exc.reason or exc})") from exc
+    except OSError as exc:
+        raise TLSConfigError(f"{what} {path}: {exc.strerror or exc}") from exc
+
+
+def _chain(ctx: ssl.SSLContext, cert: str | Path, key: str | Path | None) -> None:
+    if key is not None and not Path(key).is_file():
+        raise TLSConfigError(f"key {key}: no such file")
+    _load("certificate/key", cert, lambda: ctx.load_cert_chain(cert, key, password=_no_password))
+
+
+def server_tls_context(cert: str | Path, key: str | Path | None = None,
+                       client_ca: str | Path | None = None) -> ssl.SSLContext:
+    """The server's TLS context: its certificate chain and key (``key`` None: in ``cert``); with
+    ``client_ca`` every client must present a certificate signed by that CA (mutual TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.num_tickets = 0  # clients do not resume sessions: no TLS 1.3 session tickets on the wire
+    _chain(ctx, cert, key)
+    if client_ca is not None:
+        _load("client CA", client_ca, lambda: ctx.load_verify_locations(cafile=str(client_ca)))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_tls_context(ca: str | Path, cert: str | Path | None = None,
+                       key: str | Path | None = None) -> ssl.SSLContext:
+    """The client's TLS context: trusts only ``ca`` for the server's certificate (host name checked);
+    ``cert``/``key`` is this device's certificate for a server that requires one."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load("CA", ca, lambda: ctx.load_verify_locations(cafile=str(ca)))
+    if cert is not None:
+        _chain(ctx, cert, key)
+    elif key is not None:
+        raise TLSConfigError("a key without a certificate: give the certificate too")
+    return ctx
+
+
+def tls_error_text(exc: BaseException) -> str:
+    """One line for a TLS failure: OpenSSL's reason and, where there is one, the verification error."""
+    verify = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None)
+    if verify:
+        return f"{reason or 'certificate verify failed'}: {verify}"
+    if reason:
+        return str(reason).replace("_", " ").lower()
+    return str(exc) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,15 @@ connection (reading stops until one is answered: TCP back-pressure), a tail queu
 answered with an ERROR frame naming the problem and the connection goes on; a frame with an
 impossible length closes that connection only. ``stop()`` finishes the requests in flight, then
 closes every connection and the worker threads.
+
+Deadlines, so that idle or slow peers cannot hold the connection slots: a frame must be complete
+within ``frame_timeout_s`` of its first byte (however its bytes trickle in), an answer must be
+written within ``frame_timeout_s``, a TLS handshake must finish within ``frame_timeout_s`` of the
+connection, and a connection with no frame started and nothing in flight for ``idle_timeout_s`` is
+closed. A connection refused (at the limit) or closed on a deadline first gets an ERROR frame with
+request id 0 whose JSON says why. With ``tls`` set (``link.server_tls_context``) every connection
+is upgraded to TLS after it takes its slot; a failed handshake is counted and closes that
+connection only.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import ssl
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from splitbits.runtime import link
-from splitbits.runtime.errors import SplitbitsError
+from splitbits.runtime.errors import SplitbitsError, VerificationError
 from splitbits.runtime.pipeline import ServerDecoder, Timer
 
 log = logging.getLogger(__name__)
@@ -45,6 +56,13 @@ class ServerConfig:
     max_connections: int = 256
     decode_threads: int = 1
     drain_timeout_s: float = 10.0
+    #: a frame (header and body) must be complete this long after its first byte; also bounds a
+    #: TLS handshake and the writing of one answer
+    frame_timeout_s: float = 10.0
+    #: close a connection with no frame started and nothing in flight for this long
+    idle_timeout_s: float = 60.0
+    #: TLS for every connection (``link.server_tls_context``); None: plain TCP
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "max_inflight", "max_connections", "decode_threads"):
@@ -52,6 +70,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
+        for name in ("frame_timeout_s", "idle_timeout_s", "drain_timeout_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+        if self.tls is not None and not isinstance(self.tls, ssl.SSLContext):
+            raise ValueError("tls must be an ssl.SSLContext (see link.server_tls_context)")
 
 
 @dataclass
@@ -59,6 +83,14 @@ class ServerStats:
     connections_total: int = 0
     connections_open: int = 0
     connections_refused: int = 0
+    #: refused without an answer: more TLS refusals in their handshake than ``max_connections``
+    connections_dropped: int = 0
+    #: closed on a deadline; ``timeouts`` says which (frame, idle, handshake, write)
+    connections_timed_out: int = 0
+    timeouts: Counter = field(default_factory=Counter)
+    tls_handshakes: int = 0
+    tls_handshake_failures: int = 0
+    tls_failures: Counter = field(default_factory=Counter)
     requests: int = 0
     answered_ok: int = 0
     answered_error: int = 0
@@ -74,6 +106,8 @@ class ServerStats:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["errors_by_type"] = dict(self.errors_by_type)
+        d["timeouts"] = dict(self.timeouts)
+        d["tls_failures"] = dict(self.tls_failures)
         d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
         d["mean_batch"] = (sum(k * v for k, v in self.batch_sizes.items()) / self.batches) if self.batches else 0.0
         d["uptime_s"] = time.monotonic() - d.pop("started")
@@ -94,6 +128,18 @@ class _Slots:
     def release(self) -> None:
         self.taken -= 1
         self._sem.release()
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One served connection: its streams, the requests in flight and when it was last busy."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    slots: _Slots
+    last_active: float
+    pending: set[asyncio.Task] = field(default_factory=set)
+    wlock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class TailBatcher:
@@ -175,6 +221,11 @@ class TailBatcher:
 class SplitServer:
     """The asyncio server; ``await start()`` binds (port 0 picks a free port), ``await stop()`` ends it."""
 
+    #: after an ERROR with request id 0, how long the server reads (and drops) what the peer still
+    #: sends before closing, so that its close does not reset the connection before the peer has
+    #: read the reason
+    LINGER_S = 1.0
+
     def __init__(self, decoder: ServerDecoder, config: ServerConfig | None = None) -> None:
         self.decoder = decoder
         self.config = config or ServerConfig()
@@ -185,7 +236,10 @@ class SplitServer:
         self._tail_pool = ThreadPoolExecutor(1, thread_name_prefix="splitbits-tail")
         self._server: asyncio.AbstractServer | None = None
         self._batcher: TailBatcher | None = None
-        self._conns: dict[asyncio.Task, set[asyncio.Task]] = {}
+        self._conns: dict[asyncio.Task, _Conn] = {}  # connections holding a slot
+        self._tasks: set[asyncio.Task] = set()  # every connection handler, slot or not
+        self._refusing = 0  # TLS refusals in their handshake
+        self._lingering = 0  # closes after an ERROR with request id 0, still reading what the peer sends
         self._closing = False
         self.address: tuple[str, int] | None = None
 
@@ -193,11 +247,12 @@ class SplitServer:
     async def start(self) -> tuple[str, int]:
         self._batcher = TailBatcher(self._run_tail, self.config, self.stats, self._tail_pool)
         self._batcher.start()
-        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port,
+        self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
                                                   limit=1 << 16)
         sock = self._server.sockets[0].getsockname()
         self.address = (sock[0], sock[1])
-        log.info("serving %s on %s:%d", self.decoder.bundle.path, *self.address)
+        log.info("serving %s on %s:%d (%s)", self.decoder.bundle.path, *self.address,
+                 "TLS" if self.config.tls is not None else "plain TCP")
         return self.address
 
     async def serve_until(self, stop: asyncio.Event) -> None:
@@ -211,13 +266,14 @@ class SplitServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        inflight = [t for ts in self._conns.values() for t in ts]
+        inflight = [t for c in self._conns.values() for t in c.pending]
         if inflight:
             await asyncio.wait(inflight, timeout=self.config.drain_timeout_s)
-        for conn in list(self._conns):
-            conn.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
+        handlers = list(self._tasks)
+        for t in handlers:
+            t.cancel()
+        if handlers:
+            await asyncio.gather(*handlers, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.stop()
         if self._server is not None:
@@ -232,6 +288,11 @@ class SplitServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def buffered_bytes(self) -> list[int]:
+        """Bytes received but not yet consumed, per open connection (diagnostics: reads the
+        StreamReader's buffer)."""
+        return [len(getattr(c.reader, "_buffer", b"")) for c in self._conns.values()]
+
     # -- work done in threads -------------------------------------------------------------------
     def _decode(self, payload: bytes) -> tuple[np.ndarray, dict[str, float]]:
         t = Timer()
@@ -242,71 +303,200 @@ class SplitServer:
         return self.decoder.tail.run({"y_hat": y_hat})["logits"]
 
     # -- per connection -------------------------------------------------------------------------
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Called as the connection is made, before its first byte is read: with TLS, reading is
+        paused until the handshake starts, so the ClientHello reaches TLS and not the stream."""
+        if self.config.tls is not None:
+            writer.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         if self._closing or len(self._conns) >= self.config.max_connections:
-            self.stats.connections_refused += 1
-            await self._send(writer, None, link.encode_json(
-                link.KIND_ERROR, 0, {"error": "Busy", "message": "server is at its connection limit or stopping"}))
-            writer.close()
+            await self._refuse(reader, writer)
             return
-        pending: set[asyncio.Task] = set()
-        self._conns[task] = pending
+        conn = _Conn(reader, writer, _Slots(self.config.max_inflight), asyncio.get_running_loop().time())
+        self._conns[task] = conn
         self.stats.connections_total += 1
         self.stats.connections_open += 1
-        slots = _Slots(self.config.max_inflight)
-        wlock = asyncio.Lock()
+        why: dict[str, str] | None = None
         try:
-            while True:
-                try:
-                    frame = await link.read_frame(reader, self.max_frame)
-                except link.FrameError as exc:
-                    self.stats.frame_errors += 1
-                    self.stats.errors_by_type["FrameError"] += 1
-                    await self._send(writer, wlock, link.encode_json(
-                        link.KIND_ERROR, 0, {"error": "FrameError", "message": f"{exc}; closing this connection"}))
-                    break
-                except (ConnectionError, OSError):
-                    break
-                if frame is None:
-                    break
-                self.stats.requests += 1
-                if frame.kind != link.KIND_INFER:
-                    self._count_error("FrameError")
-                    await self._send(writer, wlock, link.encode_json(
-                        link.KIND_ERROR, frame.request_id,
-                        {"error": "FrameError", "message": f"frame kind {frame.kind} is not a request"}))
-                    continue
-                if self._closing:
-                    self._count_error("Busy")
-                    await self._send(writer, wlock, link.encode_json(
-                        link.KIND_ERROR, frame.request_id, {"error": "Busy", "message": "server is stopping"}))
-                    continue
-                await slots.acquire()
-                t = asyncio.get_running_loop().create_task(self._serve_one(frame, writer, wlock, slots))
-                pending.add(t)
-                self.stats.max_inflight_seen = max(self.stats.max_inflight_seen, slots.taken)
-                t.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.wait(set(pending), timeout=self.config.drain_timeout_s)
+            if self.config.tls is not None:
+                tls_writer = await self._handshake(reader, writer)
+                if tls_writer is None:
+                    return
+                conn.writer = tls_writer
+                conn.last_active = asyncio.get_running_loop().time()  # the idle clock starts after the handshake
+            why = await self._serve_frames(conn)
+            if conn.pending:
+                await asyncio.wait(set(conn.pending), timeout=self.config.drain_timeout_s)
         except asyncio.CancelledError:
-            pass
+            why = None
         finally:
-            for t in list(pending):
+            for t in list(conn.pending):
                 t.cancel()
-            self._conns.pop(task, None)
+            self._conns.pop(task, None)  # the slot is free from here on
             self.stats.connections_open -= 1
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+            try:
+                await self._close(reader, conn.writer, why)
+            except asyncio.CancelledError:  # stopping: no goodbyes
+                conn.writer.transport.abort()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer a connection over the limit with Busy, then close it. Over TLS the answer needs a
+        handshake: beyond ``max_connections`` such handshakes at once, close without an answer."""
+        self.stats.connections_refused += 1
+        why = ("server is stopping" if self._closing
+               else f"server is at its connection limit ({self.config.max_connections} connections)")
+        try:
+            if self.config.tls is not None:
+                if self._refusing >= self.config.max_connections:
+                    self.stats.connections_dropped += 1
+                    writer.transport.abort()
+                    return
+                self._refusing += 1
+                try:
+                    tls_writer = await self._handshake(reader, writer)
+                finally:
+                    self._refusing -= 1
+                if tls_writer is None:
+                    return
+                writer = tls_writer
+            await self._close(reader, writer, {"error": "Busy", "message": why})
+        except asyncio.CancelledError:
+            writer.transport.abort()
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                         ) -> asyncio.StreamWriter | None:
+        """Upgrade the connection to TLS within ``frame_timeout_s``; None (connection closed) if it fails."""
+        assert self.config.tls is not None
+        limit = self.config.frame_timeout_s
+        try:
+            tls_writer = await asyncio.wait_for(_start_tls(reader, writer, self.config.tls, limit + 1.0), limit)
+        except asyncio.TimeoutError:
+            self._timed_out("handshake")
+            reason = f"no TLS handshake within {limit:g} s"
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            reason = link.tls_error_text(exc)
+        else:
+            self.stats.tls_handshakes += 1
+            return tls_writer
+        self.stats.tls_handshake_failures += 1
+        self.stats.tls_failures[reason] += 1
+        log.debug("TLS handshake with %s failed: %s", writer.get_extra_info("peername"), reason)
+        writer.transport.abort()
+        return None
+
+    async def _next_frame_start(self, conn: _Conn) -> bytes:
+        """The first byte of the next frame (b"" at the end of the stream); ``asyncio.TimeoutError``
+        once the connection has been idle (nothing in flight, no frame started) for ``idle_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if conn.pending:  # answers still to come: not idle; look again later
+                wait = self.config.idle_timeout_s
+            else:
+                wait = conn.last_active + self.config.idle_timeout_s - loop.time()
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(conn.reader.read(1), wait)
+
+    async def _serve_frames(self, conn: _Conn) -> dict[str, str] | None:
+        """Read and dispatch frames until the stream ends or must be closed; returns the reason
+        to send (ERROR, request id 0) before closing, or None."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        while True:
+            try:
+                head = await self._next_frame_start(conn)
+            except asyncio.TimeoutError:
+                self._timed_out("idle")
+                return {"error": "IdleTimeout",
+                        "message": f"no request for {cfg.idle_timeout_s:g} s; closing this connection"}
+            except (ConnectionError, OSError):
+                return None
+            if not head:
+                return None
+            try:  # one deadline for the whole frame, from its first byte: trickling does not extend it
+                frame = await asyncio.wait_for(link.read_frame(conn.reader, self.max_frame, head),
+                                               cfg.frame_timeout_s)
+            except asyncio.TimeoutError:
+                self._timed_out("frame")
+                return {"error": "FrameTimeout", "message": f"frame not complete within {cfg.frame_timeout_s:g} s "
+                                                           "of its first byte; closing this connection"}
+            except link.FrameError as exc:
+                self.stats.frame_errors += 1
+                self.stats.errors_by_type["FrameError"] += 1
+                return {"error": "FrameError", "message": f"{exc}; closing this connection"}
+            except (ConnectionError, OSError):
+                return None
+            if frame is None:
+                return None
+            conn.last_active = loop.time()
+            self.stats.requests += 1
+            if frame.kind != link.KIND_INFER:
+                self._count_error("FrameError")
+                await self._send(conn, link.encode_json(
+                    link.KIND_ERROR, frame.request_id,
+                    {"error": "FrameError", "message": f"frame kind {frame.kind} is not a request"}))
+                continue
+            if self._closing:
+                self._count_error("Busy")
+                await self._send(conn, link.encode_json(
+                    link.KIND_ERROR, frame.request_id, {"error": "Busy", "message": "server is stopping"}))
+                continue
+            await conn.slots.acquire()
+            t = loop.create_task(self._serve_one(frame, conn))
+            conn.pending.add(t)
+            self.stats.max_inflight_seen = max(self.stats.max_inflight_seen, conn.slots.taken)
+            t.add_done_callback(conn.pending.discard)
+
+    def _timed_out(self, kind: str) -> None:
+        self.stats.connections_timed_out += 1
+        self.stats.timeouts[kind] += 1
+
+    async def _close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     why: dict[str, str] | None) -> None:
+        """Close a connection; with ``why``, first send it (ERROR, request id 0) and linger briefly
+        (at most ``max_connections`` connections linger at once; the others close at once)."""
+        if why is not None and not writer.is_closing():
+            sent = await self._write(writer, link.encode_json(link.KIND_ERROR, 0, why))
+            if sent and not self._closing and self._lingering < self.config.max_connections:
+                self._lingering += 1
+                try:
+                    await self._linger(reader, writer)
+                finally:
+                    self._lingering -= 1
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), self.LINGER_S)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            writer.transport.abort()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close where the transport can (TCP), then drop what the peer sends until it closes
+        or ``LINGER_S`` has passed (at most one frame bound of bytes)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.LINGER_S
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
+        dropped = 0
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            while dropped <= self.max_frame and (left := end - loop.time()) > 0:
+                data = await asyncio.wait_for(reader.read(1 << 16), left)
+                if not data:
+                    return
+                dropped += len(data)
 
     def _count_error(self, name: str) -> None:
         self.stats.answered_error += 1
         self.stats.errors_by_type[name] += 1
 
-    async def _serve_one(self, frame: link.Frame, writer: asyncio.StreamWriter, wlock: asyncio.Lock,
-                         slots: _Slots) -> None:
+    async def _serve_one(self, frame: link.Frame, conn: _Conn) -> None:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -325,6 +515,7 @@ class SplitServer:
             out = link.encode_json(link.KIND_RESULT, frame.request_id, body)
             self.stats.answered_ok += 1
         except asyncio.CancelledError:
+            conn.slots.release()
             raise
         except SplitbitsError as exc:
             self._count_error(type(exc).__name__)
@@ -336,34 +527,92 @@ class SplitServer:
             out = link.encode_json(link.KIND_ERROR, frame.request_id,
                                    {"error": "InternalError", "message": f"{type(exc).__name__}: {exc}"})
         except BaseException:
-            slots.release()
+            conn.slots.release()
             raise
         try:
-            await self._send(writer, wlock, out)
+            await self._send(conn, out)
         finally:
-            slots.release()  # held until answered: a client that does not read stops being read
+            conn.last_active = loop.time()
+            conn.slots.release()  # held until answered: a client that does not read stops being read
 
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, wlock: asyncio.Lock | None, data: bytes) -> None:
+    async def _send(self, conn: _Conn, data: bytes) -> bool:
+        async with conn.wlock:
+            return await self._write(conn.writer, data)
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> bool:
+        """Write and drain within ``frame_timeout_s``; a peer that does not read is cut off (aborted)."""
         try:
-            if wlock is None:
-                writer.write(data)
-                await writer.drain()
-                return
-            async with wlock:
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), self.config.frame_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            self._timed_out("write")
+            writer.transport.abort()
+        except (ConnectionError, OSError, RuntimeError):
             pass  # the client went away; nothing to answer
+        return False
+
+
+async def _start_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext,
+                     handshake_timeout: float) -> asyncio.StreamWriter:
+    """Upgrade a server-side stream to TLS (``StreamWriter.start_tls`` where Python has it, 3.11+)."""
+    if hasattr(writer, "start_tls"):
+        await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
+        return writer
+    loop = asyncio.get_running_loop()  # Python 3.10
+    protocol = writer.transport.get_protocol()
+    transport = await loop.start_tls(writer.transport, protocol, ctx, server_side=True,
+                                     ssl_handshake_timeout=handshake_timeout)
+    return asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def golden_tolerance(backend: Any) -> tuple[Any, bool]:
+    """(tolerance, exact symbols) for verifying ``backend`` against ``golden/``: the rules of
+    ``splitbits bench`` (TensorRT by its worst engine precision, ONNX Runtime's GPU providers as
+    FP32 engines, ONNX Runtime CPU the verifier's defaults). Kept in step with
+    ``jetson.bench.tolerance_for``, which the runtime may not import."""
+    from splitbits.runtime.backends.tensorrt import TOLERANCES
+    from splitbits.runtime.verify import Tolerance
+
+    name = getattr(backend, "name", "")
+    if name == "tensorrt":
+        chosen = list(getattr(backend, "chosen", {}).values()) or [getattr(backend, "precision", None) or "fp16"]
+        worst = max(chosen, key=["fp32", "fp16", "int8"].index)
+        return Tolerance(*TOLERANCES[worst]), worst != "int8"
+    if name.startswith("onnxruntime-") and name != "onnxruntime-prepared":
+        return Tolerance(*TOLERANCES["fp32"]), True
+    return Tolerance(), True
+
+
+def verify_server_backend(decoder: ServerDecoder) -> Any:
+    """Verify the decoder's backend against the bundle's ``golden/`` (``runtime.verify``, as
+    ``splitbits bench`` does); raises ``VerificationError`` naming the problems if it fails."""
+    from splitbits.runtime.backends.tensorrt import INT8_MIN_TOP1
+    from splitbits.runtime.verify import verify_bundle
+
+    tol, exact = golden_tolerance(decoder.backend)
+    report = verify_bundle(decoder.bundle, decoder.backend, tol=tol, raise_on_fail=False, exact_symbols=exact,
+                           min_top1=INT8_MIN_TOP1)
+    if not report.ok:
+        raise VerificationError(f"backend {report.backend} fails golden verification of {decoder.bundle.path}: "
+                                + "; ".join(report.problems))
+    log.info("golden verification passed: backend %s, %d images", report.backend, report.images)
+    return report
 
 
 async def run_server(bundle, backend: str = "auto", config: ServerConfig | None = None, *,
-                     stop: asyncio.Event | None = None, ready=None, **backend_options: Any) -> ServerStats:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); returns the stats."""
+                     stop: asyncio.Event | None = None, ready=None, verify: bool = True,
+                     **backend_options: Any) -> ServerStats:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM when ``stop`` is None); returns the stats.
+
+    With ``verify`` (the default) the backend is first checked against the bundle's ``golden/``;
+    a bundle that fails raises ``VerificationError`` before anything listens."""
     import signal
 
     decoder = ServerDecoder(bundle, backend, **backend_options)
     decoder.warmup()
+    if verify:  # before listening: nothing is served from a bundle that fails
+        verify_server_backend(decoder)
     server = SplitServer(decoder, config)
     addr = await server.start()
     if ready is not None:

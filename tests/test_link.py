@@ -308,12 +308,18 @@ def test_send_images_with_link_emulation_reports_times_and_accuracy(mshp):
         async with SplitServer(dec, ServerConfig(port=0)) as srv:
             return await send_images(enc, *srv.address, images, labels, mbps=50.0, concurrency=2)
 
-    records, wall = _run(go())
+    outcome = _run(go())
+    records, wall = outcome.records, outcome.wall_s
     assert [r.index for r in records] == list(range(len(images)))
     assert all(r.ok for r in records)
     assert [r.bytes for r in records] == [len(p) for p in packets]
-    out = summarize_send(records, wall, 50.0)
+    out = summarize_send(records, wall, 50.0, outcome.links)
     assert out["accuracy"]["top1"] == 1.0 and out["answered_ok"] == len(images)
+    # plain TCP: the socket carried exactly the link's frames, measured (not computed from the packets)
+    wire = out["wire"]
+    assert wire["transport"] == "tcp" and wire["requests"] == len(images) and "tls" not in wire
+    assert wire["bytes_sent"] == sum(len(p) + link.HEADER_BYTES for p in packets)
+    assert wire["per_request"]["overhead_sent"] == 0 and wire["per_request"]["overhead_received"] == 0
     assert out["link"]["model_ms"]["1"] == pytest.approx(out["bytes"]["packet"]["mean"] * 8 / 1e3, rel=0.01)
     # paced sends take at least their serialisation time (never assert an upper wall-clock bound)
     for r in records:
