@@ -113,38 +113,17 @@ def _backend(args: argparse.Namespace, bundle):
     return get_backend(args.backend, bundle=bundle, **opts)
 
 
-def tolerance_for(backend, atol: float | None = None, rtol: float | None = None):
-    """Golden tolerances and whether symbols must be exact: TensorRT engines by precision,
-    ONNX Runtime's GPU providers as FP32 engines, ONNX Runtime CPU the verify defaults."""
-    from splitbits.runtime.backends.tensorrt import TOLERANCES as per_precision
-    from splitbits.runtime.verify import Tolerance
-
-    if getattr(backend, "name", "") == "tensorrt":
-        chosen = [p for p in getattr(backend, "chosen", {}).values()] or [backend.precision or "fp16"]
-        worst = max(chosen, key=["fp32", "fp16", "int8"].index)
-        a, r = per_precision[worst]
-        exact = worst != "int8"
-    elif getattr(backend, "name", "").startswith("onnxruntime-") and backend.name != "onnxruntime-prepared":
-        a, r = per_precision["fp32"]
-        exact = True
-    else:
-        base = Tolerance()
-        a, r, exact = base.atol, base.rtol, True
-    return Tolerance(atol=a if atol is None else atol, rtol=r if rtol is None else rtol), exact
-
-
 def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Everything ``main`` does, returning (result dict, exit status)."""
     from splitbits.jetson.device import device_info
     from splitbits.jetson.tegrastats import TegraStatsSampler, energy_summary
-    from splitbits.runtime.backends.tensorrt import INT8_MIN_TOP1
     from splitbits.runtime.bundle import load_bundle
     from splitbits.runtime.inputs import inputs_from_args, save_inputs
     from splitbits.runtime.link import transmit_seconds
     from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
     from splitbits.runtime.progress import progress_bar
     from splitbits.runtime.report import summary
-    from splitbits.runtime.verify import verify_bundle
+    from splitbits.runtime.verify import verify_backend
 
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1")
@@ -168,9 +147,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     # 1. verification first: no numbers from a bundle that fails it
     enc = EdgeEncoder(bundle, be, coder=args.coder)
     dec = ServerDecoder(bundle, be)
-    tol, exact = tolerance_for(be, args.atol, args.rtol)
-    rep = verify_bundle(bundle, be, coder=args.coder, tol=tol, raise_on_fail=False, exact_symbols=exact,
-                        min_top1=INT8_MIN_TOP1)
+    rep = verify_backend(bundle, be, coder=args.coder, atol=args.atol, rtol=args.rtol)
     result["backend"] = be.describe()
     result["coder"] = enc.coder.name
     result["verification"] = rep.to_dict()

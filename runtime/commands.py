@@ -53,9 +53,9 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from splitbits.runtime.verify import verify_bundle
+    from splitbits.runtime.verify import verify_backend
 
-    rep = verify_bundle(args.bundle, args.backend, coder=args.coder, raise_on_fail=False)
+    rep = verify_backend(args.bundle, args.backend, coder=args.coder)
     text = json.dumps(rep.to_dict(), indent=2)
     print(text)
     if args.json:

@@ -10,6 +10,7 @@ from splitbits.runtime.cli import (
     CliError,
     Command,
     add_input_arguments,
+    backend_name,
     coder_name,
     existing_file,
     nonneg_float,
@@ -74,7 +75,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=port_number, default=5800, help="TCP port (0 picks a free one)")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--backend", type=backend_name, default="auto",
                    help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to use (tensorrt backend)")
     p.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
@@ -159,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory (the same model as the server's)")
     p.add_argument("--server", required=True, help="HOST:PORT of a `splitbits serve`")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--backend", type=backend_name, default="auto",
                    help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to use (tensorrt backend)")
     p.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")

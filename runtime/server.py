@@ -566,33 +566,12 @@ async def _start_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
-def golden_tolerance(backend: Any) -> tuple[Any, bool]:
-    """(tolerance, exact symbols) for verifying ``backend`` against ``golden/``: the rules of
-    ``splitbits bench`` (TensorRT by its worst engine precision, ONNX Runtime's GPU providers as
-    FP32 engines, ONNX Runtime CPU the verifier's defaults). Kept in step with
-    ``jetson.bench.tolerance_for``, which the runtime may not import."""
-    from splitbits.runtime.backends.tensorrt import TOLERANCES
-    from splitbits.runtime.verify import Tolerance
-
-    name = getattr(backend, "name", "")
-    if name == "tensorrt":
-        chosen = list(getattr(backend, "chosen", {}).values()) or [getattr(backend, "precision", None) or "fp16"]
-        worst = max(chosen, key=["fp32", "fp16", "int8"].index)
-        return Tolerance(*TOLERANCES[worst]), worst != "int8"
-    if name.startswith("onnxruntime-") and name != "onnxruntime-prepared":
-        return Tolerance(*TOLERANCES["fp32"]), True
-    return Tolerance(), True
-
-
 def verify_server_backend(decoder: ServerDecoder) -> Any:
     """Verify the decoder's backend against the bundle's ``golden/`` (``runtime.verify``, as
     ``splitbits bench`` does); raises ``VerificationError`` naming the problems if it fails."""
-    from splitbits.runtime.backends.tensorrt import INT8_MIN_TOP1
-    from splitbits.runtime.verify import verify_bundle
+    from splitbits.runtime.verify import verify_backend
 
-    tol, exact = golden_tolerance(decoder.backend)
-    report = verify_bundle(decoder.bundle, decoder.backend, tol=tol, raise_on_fail=False, exact_symbols=exact,
-                           min_top1=INT8_MIN_TOP1)
+    report = verify_backend(decoder.bundle, decoder.backend)
     if not report.ok:
         raise VerificationError(f"backend {report.backend} fails golden verification of {decoder.bundle.path}: "
                                 + "; ".join(report.problems))

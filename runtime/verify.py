@@ -130,6 +130,38 @@ def _check_int_hyper(bundle: Bundle, g: dict[str, np.ndarray], report: VerifyRep
         report.problems.append(f"integer hyper path: idx/means differ bit-wise from the export on {bad} images")
 
 
+def backend_tolerance(backend: Backend, atol: float | None = None, rtol: float | None = None
+                      ) -> tuple[Tolerance, bool]:
+    """(tolerance, whether symbols must be exact) for checking ``backend`` against ``golden/``:
+    TensorRT engines by their worst precision, ONNX Runtime's GPU providers as FP32 engines,
+    ONNX Runtime CPU the defaults; ``atol``/``rtol`` override."""
+    from splitbits.runtime.backends.tensorrt import TOLERANCES
+
+    name = getattr(backend, "name", "")
+    if name == "tensorrt":
+        chosen = list(getattr(backend, "chosen", {}).values()) or [getattr(backend, "precision", None) or "fp16"]
+        worst = max(chosen, key=["fp32", "fp16", "int8"].index)
+        base, exact = Tolerance(*TOLERANCES[worst]), worst != "int8"
+    elif name.startswith("onnxruntime-") and name != "onnxruntime-prepared":
+        base, exact = Tolerance(*TOLERANCES["fp32"]), True
+    else:
+        base, exact = Tolerance(), True
+    return Tolerance(base.atol if atol is None else atol, base.rtol if rtol is None else rtol), exact
+
+
+def verify_backend(bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", *, coder: str | None = None,
+                   atol: float | None = None, rtol: float | None = None, **backend_options: Any) -> VerifyReport:
+    """:func:`verify_bundle` with the tolerances of :func:`backend_tolerance`: the one rule that
+    ``verify``, ``bench`` and ``serve`` apply before trusting a backend (never raises on a mismatch)."""
+    from splitbits.runtime.backends.tensorrt import INT8_MIN_TOP1
+
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    be = backend if isinstance(backend, Backend) else get_backend(backend, bundle=bundle, **backend_options)
+    tol, exact = backend_tolerance(be, atol, rtol)
+    return verify_bundle(bundle, be, coder=coder, tol=tol, raise_on_fail=False, exact_symbols=exact,
+                         min_top1=INT8_MIN_TOP1)
+
+
 def verify_bundle(bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", *,
                   coder: str | None = None, tol: Tolerance | None = None, raise_on_fail: bool = True,
                   exact_symbols: bool = True, min_top1: float = 0.5, **backend_options: Any) -> VerifyReport:
