@@ -20,26 +20,6 @@ import sys
 import time
 from typing import Any
 
-from splitbits.runtime.cli import float_range, output_file, positive_int
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="splitbits bench attack", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None,
-                   help="student checkpoint (default: an untrained tiny MSHP model; speed does not depend on weights)")
-    p.add_argument("--images", type=positive_int, default=64, help="images attacked by the batched implementation")
-    p.add_argument("--loop-images", type=positive_int, default=8, help="images attacked by each per-image loop")
-    p.add_argument("--batch", type=positive_int, default=32, help="batch of the batched implementation")
-    p.add_argument("--steps", type=positive_int, default=20, help="PGD steps")
-    p.add_argument("--eot", type=positive_int, default=16, help="EOT samples per step")
-    p.add_argument("--eps", type=float_range(0, 255), default=8.0, help="ε in units of 1/255")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
-    p.add_argument("--skip-sequential", action="store_true", help="skip the sequential-EOT loop (slow)")
-    p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the results as JSON")
-    return p
-
 
 def _sync(dev: Any) -> None:
     import torch
@@ -71,7 +51,7 @@ def sequential_eot_pgd(model: Any, x: Any, cfg: Any, generator: Any) -> Any:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from splitbits.attacks.commands import machine_info
+    from splitbits.attacks.actions import machine_info
     from splitbits.attacks.model_ops import split_forward
     from splitbits.attacks.runner import pick_device
     from splitbits.attacks.threats import AttackConfig, run_attack
@@ -147,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
             raise CliError(f"--{k.replace('_', '-')} must be >= 1")
     if not 0 <= args.eps <= 255:
         raise CliError(f"--eps {args.eps} is outside [0, 255] (units of 1/255)")
-    from splitbits.attacks.commands import check_device
+    from splitbits.attacks.actions import check_device
 
     check_device(args.device)
     res = run_bench(args)

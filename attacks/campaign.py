@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from splitbits.attacks.corruptions import CORRUPTIONS, SEVERITIES, CorruptionError, check_corruption
 from splitbits.attacks.defence import DefenceConfig
 from splitbits.attacks.threats import RATE_TERMS, THREATS, AttackConfig, AttackConfigError, check_threat, parse_eps
+from splitbits.runtime.corruptions import CORRUPTIONS, SEVERITIES, CorruptionError, check_corruption
 from splitbits.runtime.errors import SplitbitsError
 
 log = logging.getLogger(__name__)

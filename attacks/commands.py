@@ -1,231 +1,203 @@
-"""Implementations of ``splitbits attack`` and ``splitbits campaign`` (heavy imports live here)."""
+"""``splitbits attack`` (one point) and ``splitbits campaign`` (a grid). Standard library only at import."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from splitbits.runtime.cli import (
+    CliError,
+    Command,
+    float_range,
+    int_range,
+    needs_extra,
+    output_file,
+    positive_float,
+    positive_int,
+)
 
-from splitbits.attacks.corruptions import CORRUPTIONS, CorruptionError, check_corruption
-from splitbits.attacks.defence import DefenceConfig
-from splitbits.attacks.threats import ENTROPY_THREATS, AttackConfig, AttackConfigError, check_threat, parse_eps
-from splitbits.runtime.cli import CliError
+ATTACK_DESCRIPTION = """\
+Attack (or corrupt) a split model's inputs and measure the REAL packet bytes from the runtime.
 
+TARGET is a bundle directory (its manifest names the source checkpoint; or pass --checkpoint) or a
+checkpoint (exported once to a cached bundle; or pass --bundle). The torch model supplies gradients;
+bytes are len(packet) from the ONNX Runtime edge encoder and top-1 comes from the server decoder, for
+the clean images and the attacked ones, each with every --defence. The surrogate (−Σlog₂p/8) is shown
+beside the real bytes, and the attack is checked: its objective must rise.
 
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU count, load average and torch threads: every timing is reported with these."""
-    import torch
+Threats: clean, pgd-e (rate), pgd-acc (cross-entropy), noise (±ε sign noise), pgd-e-lowfreq,
+pgd-e-region, pgd-e-bpda (through --through); corruptions: --attack corruption --corruption NAME
+--severity S (or --attack NAME). ε is in units of 1/255 unless --eps-unit unit ("8/255" also works).
 
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover - not on Linux/macOS
-        load = (float("nan"),) * 3
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1_5_15": [round(v, 2) for v in load],
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+examples:
+  splitbits attack runs/demo/bundle_mshp --attack pgd-e --eps 8 --defence oatv --json pgd8.json
+  splitbits attack runs/demo/student_mshp.pt --attack noise --eps 8 --limit 128
+  splitbits attack runs/demo/bundle_mshp --attack corruption --corruption shot_noise --severity 3
+  splitbits attack runs/demo/bundle_mshp --attack pgd-e-bpda --eps 8 --through oatv --defence oatv
+  splitbits attack runs/demo/bundle_mshp --attack pgd-e --eps 8 --save-inputs adv.npz   # for the device bench
+"""
 
+CAMPAIGN_DESCRIPTION = """\
+Run a grid of models × threats × ε (and corruptions × severities) × defences from a YAML config,
+storing results row by row in OUT/results.sqlite: an interrupted campaign loses at most the unit in
+flight, and rerunning the same command resumes without redoing stored rows. Shard across processes
+or GPUs with torchrun (each rank takes every WORLD_SIZE-th unit):
 
-def check_device(name: str):  # -> torch.device
-    """``--device`` as a torch device that exists here, else a :class:`CliError`."""
-    import torch
+  torchrun --nproc_per_node 4 --no-python splitbits campaign CONFIG.yaml
+  splitbits campaign CONFIG.yaml --shard 1/4      # by hand, one process per shard
 
-    from splitbits.attacks.runner import TargetError, pick_device
-
-    try:
-        dev = pick_device(name)
-    except (TargetError, RuntimeError) as exc:  # RuntimeError: torch cannot parse the name
-        raise CliError(f"--device {name}: {exc}") from None
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def build_perturbation(args: argparse.Namespace):
-    """Validate the threat options of ``splitbits attack`` (no work yet)."""
-    from splitbits.attacks.runner import Perturbation
-
-    name = args.attack
-    try:
-        if name == "corruption" or name in CORRUPTIONS:
-            corr = args.corruption or (name if name in CORRUPTIONS else None)
-            if corr is None:
-                raise CliError(f"--attack corruption needs --corruption NAME ({', '.join(CORRUPTIONS)})")
-            check_corruption(corr, args.severity)
-            return Perturbation(corruption=corr, severity=args.severity)
-        check_threat(name)
-        eps = 0.0 if name == "clean" else parse_eps(args.eps, args.eps_unit)
-        terms = tuple(t.strip() for t in args.terms.split(",") if t.strip())
-        cfg = AttackConfig(name=name, eps=eps, steps=args.steps, step_size=args.step_size, eot=args.eot,
-                           random_start=not args.no_random_start, terms=terms, quant=args.quant, band=args.band,
-                           through=args.through, through_grad=args.through_grad)
-        return Perturbation(attack=cfg)
-    except (AttackConfigError, CorruptionError) as exc:
-        raise CliError(str(exc)) from None
+Writes OUT/report.md, report.html, report.json and PNG plots (bytes vs ε, accuracy vs ε, bytes per
+corruption and severity). See attacks/campaigns/example.yaml for every key.
+"""
 
 
-def parse_defences(specs: list[str]) -> list[DefenceConfig]:
-    out = [DefenceConfig(name="none")]
-    for s in specs:
-        for part in [s] if ":" in s else s.split(","):
-            try:
-                d = DefenceConfig.parse(part.strip())
-            except (ValueError, TypeError) as exc:
-                raise CliError(f"--defence {part!r}: {exc}") from None
-            if d.label not in [o.label for o in out]:
-                out.append(d)
-    return out
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="bundle directory or checkpoint (.pt)")
+    g = p.add_argument_group("threat")
+    g.add_argument("--attack", default="pgd-e", help="threat name, 'corruption', or a corruption name")
+    g.add_argument("--eps", default="8", help="L∞ budget in units of 1/255 (or k/255, or see --eps-unit)")
+    g.add_argument("--eps-unit", choices=("255", "unit"), default="255", help="unit of --eps numbers")
+    g.add_argument("--steps", type=positive_int, default=20, help="PGD steps")
+    g.add_argument("--step-size", type=positive_float, default=None,
+                   help="PGD step (fraction of [0,1]); default 2.5·ε/steps")
+    g.add_argument("--eot", type=positive_int, default=16, help="EOT samples of the quantisation noise per step")
+    g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
+    g.add_argument("--terms", default="y,z", help="rate terms the entropy attacks maximise: y, z or y,z")
+    g.add_argument("--quant", choices=("noise", "ste"), default="noise",
+                   help="gradient through quantisation: uniform noise (EOT) or straight-through rounding")
+    g.add_argument("--band", type=float_range(0, 1, lo_open=True), default=0.25,
+                   help="pgd-e-lowfreq: fraction of the DCT band kept")
+    g.add_argument("--through", default="oatv", help="pgd-e-bpda/-region: the defence attacked (oatv, tv, jpeg)")
+    g.add_argument("--through-grad", choices=("bpda", "unroll"), default="bpda",
+                   help="pgd-e-bpda: identity backward (BPDA) or autograd through every defence iteration")
+    g.add_argument("--corruption", default=None, help="corruption name (with --attack corruption)")
+    g.add_argument("--severity", type=int_range(1, 5), default=3, help="corruption severity 1..5")
+    d = p.add_argument_group("defence")
+    d.add_argument("--defence", action="append", default=[], metavar="SPEC",
+                   help="measure also with this defence (repeatable): oatv, tv, jpeg, "
+                        "e.g. oatv:iterations=100,lam=0.1,alpha=0.15 or jpeg:quality=50")
+    s = p.add_argument_group("data and run")
+    s.add_argument("--dataset", default="builtin", help="builtin, imagefolder:PATH or imagenet-c:PATH?...")
+    s.add_argument("--split", default="val")
+    s.add_argument("--limit", type=positive_int, default=64, help="first N images of the split")
+    s.add_argument("--image-size", type=int_range(16, 8192), default=None, help="default: the model's input size")
+    s.add_argument("--batch", type=positive_int, default=32, help="images per attack batch (EOT multiplies it)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torch side; bytes always on ORT)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint", default=None, help="checkpoint of a bundle whose manifest has no source")
+    s.add_argument("--bundle", default=None, help="bundle of a checkpoint TARGET (default: cached export)")
+    s.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the full result as JSON")
+    s.add_argument("--save-inputs", type=output_file, default=None, metavar="FILE.npz",
+                   help="write the attacked uint8 NHWC images and labels (for the on-device bench)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_images(spec: str, split: str, image_size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    from splitbits.runtime.datasets import open_dataset
-
-    if limit is not None and limit < 1:
-        raise CliError(f"--limit must be >= 1, got {limit}")
-    ds = open_dataset(spec, split=split, image_size=image_size, limit=limit)
-    if len(ds) == 0:
-        raise CliError(f"dataset {spec} ({split}) has no images")
-    images = np.stack([ds[i][0] for i in range(len(ds))])
-    labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
-    return images, labels
+def _attack_run(args: argparse.Namespace) -> int:
+    with needs_extra("attacks"):
+        from splitbits.attacks.actions import attack_command
+    return attack_command(args)
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled)
-
-
-def attack_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from splitbits.attacks.runner import (
-        Perturbation,
-        RuntimeMeter,
-        TargetError,
-        evaluate_point,
-        resolve_target,
-    )
-    from splitbits.runtime.report import rich_table, write_json
-
-    # 1. validate everything (no work yet)
-    pert = build_perturbation(args)
-    defences = parse_defences(args.defence)
-    if args.batch < 1:
-        raise CliError("--batch must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = check_device(args.device)
-    try:
-        target = resolve_target(args.target, checkpoint=args.checkpoint, bundle=args.bundle, device=dev)
-    except TargetError as exc:
-        raise CliError(str(exc)) from None
-    images, labels = load_images(args.dataset, args.split, args.image_size or target.model.spec.input_size,
-                                 args.limit)
-    # 2. work
-    meter = RuntimeMeter(target.bundle)
-    t0 = time.perf_counter()
-    with _progress(not args.no_progress) as prog:
-        task = prog.add_task("clean", total=len(images))
-        clean = evaluate_point(target, meter, images, labels, Perturbation(attack=AttackConfig(name="clean", eps=0.0)),
-                               defences, seed=args.seed, batch=args.batch,
-                               progress=lambda n: prog.advance(task, n))
-        task2 = prog.add_task(f"{pert.threat} {pert.level}", total=len(images))
-        res = evaluate_point(target, meter, images, labels, pert, defences, seed=args.seed,
-                             indices=np.arange(len(images)), batch=args.batch, keep_inputs=True,
-                             progress=lambda n: prog.advance(task2, n))
-    wall = time.perf_counter() - t0
-    base = clean.defended["none"].summary(labels)
-    table, results = [], {"clean": {}, "attacked": {}}
-    for which, r in (("clean", clean), ("attacked", res)):
-        for label, m in r.defended.items():
-            s = m.summary(labels)
-            s["delta_bytes_pct"] = 100.0 * (s["bytes_mean"] / base["bytes_mean"] - 1.0)
-            s["delta_top1_pt"] = 100.0 * (s["top1"] - base["top1"])
-            results[which][label] = s | {"per_image": m.to_json()}
-            name = "clean" if which == "clean" else f"{pert.threat} {pert.level}"
-            table.append([name, label, s["bytes_mean"], f"{s['delta_bytes_pct']:+.1f}", s["surrogate_bytes_mean"],
-                          100 * s["top1"], f"{s['delta_top1_pt']:+.1f}", s["edge_ms_p50"], s["defence_ms"]])
-    checks: dict[str, Any] = {}
-    if pert.attack is not None and pert.attack.name != "clean":
-        a = res.attack
-        checks["objective"] = a["objective"]
-        checks["objective_clean_mean"] = a["clean_objective_mean"]
-        checks["objective_attacked_mean"] = a["adv_objective_mean"]
-        checks["loss_rose"] = a["loss_rose"]
-        checks["linf_levels"] = a["linf_levels"]
-        checks["linf_within_eps"] = a["linf_levels"] <= int(np.floor(pert.attack.eps * 255 + 1e-6))
-        if pert.attack.name in ENTROPY_THREATS:
-            checks["real_bytes_rose"] = results["attacked"]["none"]["bytes_mean"] > base["bytes_mean"]
-    rich_table(f"{target.name} ({target.family}, β={target.beta}) — {len(images)} images of {args.dataset} "
-               f"{args.split}", ["input", "defence", "bytes", "Δ %", "surrogate B", "top-1 %", "Δ top-1 pt",
-                                 "edge ms p50", "defence ms/img"], table)
-    if checks:
-        print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items() if not k.startswith("objective_")))
-        if checks.get("loss_rose") is False or checks.get("real_bytes_rose") is False:
-            print("warning: the attack did not raise its objective / the real bytes on these images")
-    report = {"target": target.describe(), "dataset": {"spec": args.dataset, "split": args.split,
-                                                       "images": len(images)},
-              "threat": pert.threat, "level": pert.level,
-              "attack": {k: v for k, v in res.attack.items()}, "corruption": pert.corruption,
-              "severity": pert.severity, "defences": [d.to_dict() for d in defences], "results": results,
-              "checks": checks, "labels": labels.tolist(), "wall_s": wall, "seed": args.seed,
-              "device": str(dev), "machine": machine_info()}
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.save_inputs:
-        path = Path(args.save_inputs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        assert res.inputs is not None
-        np.savez_compressed(path, images=res.inputs, labels=labels,
-                            clean_images=images, threat=pert.threat, level=pert.level)
-        print(f"wrote {path} ({len(images)} attacked uint8 images)")
-    return 0
+def _campaign_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="campaign YAML (see attacks/campaigns/example.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: the config's out, else runs/campaigns/NAME)")
+    p.add_argument("--fresh", action="store_true", help="discard stored results and start over")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from stored rows")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and list the units; run nothing")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N (default: torchrun's RANK/WORLD_SIZE)")
+    p.add_argument("--device", default=None, help="override the config's device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def campaign_command(args: argparse.Namespace) -> int:
-    from splitbits.attacks.campaign import CampaignError, current_points, load_campaign, plan_units, run_campaign
-    from splitbits.attacks.report import write_report
-    from splitbits.attacks.runner import TargetError
-    from splitbits.runtime.report import write_json
+def _campaign_run(args: argparse.Namespace) -> int:
+    with needs_extra("attacks"):
+        from splitbits.attacks.actions import campaign_command
+    return campaign_command(args)
 
-    try:
-        c = load_campaign(args.config)
-    except CampaignError as exc:
-        raise CliError(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{args.config}: not a text (YAML) file ({exc.reason} at byte {exc.start})") from None
-    out = Path(args.out or c.config["out"] or Path("runs") / "campaigns" / c.config["name"])
-    if args.report_only:
-        db = out / "results.sqlite"
-        if not db.is_file():
-            raise CliError(f"no results in {out} (nothing to report)")
-        files = write_report(db, out, title=c.config["name"], points=current_points(c),
-                             defences={d.label for d in c.defences})
-        print(f"wrote {files['markdown']} and {files['html']}")
-        return 0
-    units = plan_units(c)
-    if args.dry_run:
-        print(f"{c.config['name']}: {len(c.models)} model(s) × {len(c.points)} points × "
-              f"{len(c.defences)} defence(s); {len(units)} units of ≤{c.config['chunk']} images → {out}")
-        for p in c.points:
-            print(f"  {p.threat:14s} {p.level}")
-        return 0
-    try:
-        summary = run_campaign(c, out, fresh=args.fresh, shard=args.shard, device=args.device,
-                               progress=not args.no_progress)
-    except (CampaignError, TargetError, AttackConfigError) as exc:
-        raise CliError(str(exc)) from None
-    summary["machine"] = machine_info()
-    write_json(out / f"run_rank{summary['rank']}.json", summary)
-    print(f"campaign {c.config['name']}: computed {summary['computed']} units, skipped {summary['skipped']} "
-          f"(stored), {summary['rows']} rows in {out / 'results.sqlite'}")
-    if "report" in summary:
-        print(f"report: {summary['report']['markdown']}, {summary['report']['html']}")
-    return 0
+
+
+BENCH_ATTACK_DESCRIPTION = """\
+``splitbits bench attack``: batched PGD-E vs per-image loops with the same settings, in one run.
+
+Three implementations of the same attack (``--steps`` PGD steps, ``--eot`` noise samples per step):
+
+* ``batched``: ``--batch`` images at once, the EOT samples of all of them in one forward/backward
+  (what ``splitbits attack`` and campaigns use);
+* ``per_image``: one image at a time, its EOT samples still batched;
+* ``per_image_sequential_eot``: one image at a time and one EOT sample per forward/backward,
+  gradients accumulated (the straightforward reference-style loop).
+
+Images/s of each and the speedups of ``batched`` over the two loops go to stdout and ``--json``,
+together with the machine's load average and thread count (timings on a shared CPU vary).
+"""
+
+
+def add_bench_attack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="student checkpoint (default: an untrained tiny MSHP model; speed does not depend on weights)")
+    p.add_argument("--images", type=positive_int, default=64, help="images attacked by the batched implementation")
+    p.add_argument("--loop-images", type=positive_int, default=8, help="images attacked by each per-image loop")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch of the batched implementation")
+    p.add_argument("--steps", type=positive_int, default=20, help="PGD steps")
+    p.add_argument("--eot", type=positive_int, default=16, help="EOT samples per step")
+    p.add_argument("--eps", type=float_range(0, 255), default=8.0, help="ε in units of 1/255")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--skip-sequential", action="store_true", help="skip the sequential-EOT loop (slow)")
+    p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the results as JSON")
+
+
+def run_bench_attack(args: argparse.Namespace) -> int:
+    from splitbits.attacks.bench import main
+
+    return int(main(args) or 0)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory (checkpoints are cached here)")
+    p.add_argument("--family", choices=["mshp", "fp"], default="mshp", help="entropy model of the student")
+    p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N validation images only")
+    p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
+    p.add_argument("--hyper", choices=["auto", "int", "float"], default="auto",
+                   help="MSHP hyper path of the edge encoder: int (deterministic across devices; auto picks it) "
+                        "or float (hyper.onnx)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the tiny_teacher config (repeatable), e.g. train.epochs=5")
+    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the tiny_<family> student config, e.g. student.beta=0.32")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    with needs_extra("attacks"):
+        from splitbits.attacks.demo import run_demo as demo
+    r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
+             progress=not args.no_progress, teacher_overrides=tuple(args.teacher_set),
+             student_overrides=tuple(args.student_set), hyper=args.hyper)
+    print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
+    return 0 if r else 1
+
+COMMANDS = {
+    "demo": Command(
+        "train, export, run and report on the builtin dataset (what `make demo` runs)",
+        add_demo_arguments, run_demo,
+        description="The whole pipeline on the builtin dataset: train the tiny teacher and split student "
+        "(reusing cached checkpoints whose config is unchanged), export a verified bundle, push every "
+        "validation image through edge encode -> packet -> server decode on ONNX Runtime, and write "
+        "report.json, report.md and plots (accuracy, bytes per image real vs estimated vs JPEG q75, "
+        "latency per stage).",
+    ),
+    "attack": Command("attack/corrupt one point and measure real packet bytes, accuracy and latency",
+                      _attack_args, _attack_run, description=ATTACK_DESCRIPTION),
+    "campaign": Command("run a resumable, shardable attack/corruption/defence grid from a YAML config",
+                        _campaign_args, _campaign_run, description=CAMPAIGN_DESCRIPTION),
+    "bench.attack": Command(
+        "batched vs per-image attack throughput (images/s)",
+        add_bench_attack_arguments, run_bench_attack, description=BENCH_ATTACK_DESCRIPTION,
+    ),
+}
+
+__all__ = ["COMMANDS", "CliError"]

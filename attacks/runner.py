@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from splitbits.attacks.corruptions import check_corruption, corrupt
 from splitbits.attacks.defence import DefenceConfig, defend_timed
 from splitbits.attacks.model_ops import rate_and_logits
 from splitbits.attacks.threats import AttackConfig, AttackConfigError, run_attack
+from splitbits.runtime.corruptions import check_corruption, corrupt
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 
-from splitbits.runtime.cli import existing_dir, int_range, nonneg_int, output_file, positive_int
 from splitbits.runtime.codec import CdfTables, get_coder
 from splitbits.runtime.codec.numba_coder import NumbaCoder
 from splitbits.runtime.report import md_table, write_json
@@ -613,34 +612,6 @@ def bench_set(ls: LatentSet, coders: dict[str, Any], repeats: int, slow_repeats:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="splitbits bench codec", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=output_file, metavar="FILE",
-                   help="write every figure, the machine and the versions here")
-    p.add_argument("--markdown", type=output_file, metavar="FILE", help="write the README table here")
-    p.add_argument("--images", type=positive_int, default=8, help="images per latent set (default 8)")
-    p.add_argument("--repeats", type=positive_int, default=31, help="timing repeats per image (default 31)")
-    p.add_argument("--slow-repeats", type=positive_int, default=5, help="repeats for compressai's coders (default 5)")
-    p.add_argument("--bundle", type=existing_dir, action="append", default=[], metavar="PATH",
-                   help="also bench an exported bundle's latents (e.g. the demo's trained tiny model); repeatable")
-    p.add_argument("--bundle-images", type=positive_int, default=64,
-                   help="images per bundle latent set, i.e. the batch of the batched figures (default 64)")
-    p.add_argument("--accuracy-images", type=nonneg_int, default=1200,
-                   help="validation images for the int-vs-float hyper top-1 of MSHP bundles (default 1200)")
-    p.add_argument("--hyper-repeats", type=positive_int, default=21,
-                   help="repeats for the hyper-path timings (default 21)")
-    p.add_argument("--dataset", default="builtin", help="image source (default builtin)")
-    p.add_argument("--no-resnet50", action="store_true", help="skip the ResNet-50 latent sets")
-    p.add_argument("--lanes", type=int_range(0, 5), nargs="*", default=[0, 1, 2],
-                   help="numba interleavings to compare, as log2(states) (default 0 1 2)")
-    p.add_argument("--no-compressai", action="store_true", help="skip compressai's coders")
-    p.add_argument("--torch-threads", type=nonneg_int, default=1,
-                   help="torch threads for compressai's model API (default 1: one core; 0: torch's default)")
-    p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurement")
-    return p
 
 
 def markdown_table(result: dict[str, Any]) -> str:

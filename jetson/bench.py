@@ -32,53 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from splitbits.runtime.cli import (
-    CliError,
-    add_input_arguments,
-    backend_name,
-    coder_name,
-    nonneg_float,
-    nonneg_int,
-    output_file,
-    positive_float,
-    positive_int,
-)
+from splitbits.runtime.backends import get_backend
+from splitbits.runtime.cli import CliError, backend_options
 
 SCHEMA = "splitbits.bench/1"
 EXIT_REFUSED = 3
 STAGES = ("edge.preprocess", "edge.head", "edge.quantize", "edge.hyper", "edge.encode", "link.transmit",
           "server.decode", "server.hyper", "server.tail")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="splitbits bench BUNDLE", description=__doc__,
-        formatter_class=type("F", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
-    p.add_argument("bundle", help="bundle directory")
-    b = p.add_argument_group("backend")
-    b.add_argument("--backend", type=backend_name, default="auto",
-                   help="auto (TensorRT where this bundle has engines for this device, else ONNX Runtime CPU), "
-                        "onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to run (tensorrt/auto)")
-    b.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay CUDA graphs (cuda-python)")
-    b.add_argument("--threads", type=nonneg_int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    b.add_argument("--coder", type=coder_name, default=None, help="entropy coder (default: the runtime's default)")
-    b.add_argument("--atol", type=nonneg_float, default=None, help="verification atol (default: per backend/precision)")
-    b.add_argument("--rtol", type=nonneg_float, default=None, help="verification rtol (default: per backend/precision)")
-    i = p.add_argument_group("inputs")
-    add_input_arguments(i, limit_help="number of images measured")
-    i.add_argument("--save-inputs", type=output_file, metavar="FILE.npz",
-                   help="also write the inputs used (to replay on a device)")
-    m = p.add_argument_group("measurement")
-    m.add_argument("--warmup", type=nonneg_int, default=5, help="untimed images first")
-    m.add_argument("--repeat", type=positive_int, default=1, help="passes over the inputs")
-    m.add_argument("--link-mbps", type=positive_float, default=10.0, help="link rate of the modelled transmit stage")
-    m.add_argument("--power", choices=["auto", "on", "off"], default="auto",
-                   help="sample tegrastats for power/energy (auto: where tegrastats exists)")
-    m.add_argument("--tegrastats-interval-ms", type=positive_int, default=100, help="tegrastats sampling interval")
-    p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _rss_mb() -> float:
@@ -92,25 +52,6 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def _backend(args: argparse.Namespace, bundle):
-    from splitbits.runtime.backends import get_backend
-    from splitbits.runtime.errors import BackendError
-
-    opts: dict[str, Any] = {}
-    if args.backend in ("tensorrt", "auto"):
-        if args.precision:
-            opts["precision"] = args.precision
-        if args.cuda_graph:
-            opts["cuda_graph"] = True
-    elif args.precision or args.cuda_graph:
-        raise BackendError("--precision/--cuda-graph apply to the tensorrt backend")
-    if args.threads:
-        if args.backend == "tensorrt":
-            raise BackendError("--threads applies to the onnxruntime backends")
-        opts["threads"] = args.threads
-    return get_backend(args.backend, bundle=bundle, **opts)
 
 
 def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
@@ -134,7 +75,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     rss0 = _rss_mb()
     bundle = load_bundle(args.bundle)
     inputs = inputs_from_args(bundle.input_shape, args)  # bad inputs fail before any model work
-    be = _backend(args, bundle)
+    be = get_backend(args.backend, bundle=bundle, **backend_options(args))
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

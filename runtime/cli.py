@@ -1,9 +1,14 @@
-"""The ``splitbits`` command line.
+"""The ``splitbits`` command line: the hub, and the options several commands share.
 
-Each subpackage owns a ``cli`` module with a ``COMMANDS`` mapping
-``name -> Command(help, add_arguments, run)``. Those modules import only the standard library at
-module level, so ``splitbits --help`` works on a device that has the runtime extra only; a command
-imports its heavy dependencies when it runs and says which extra is missing if one is.
+Every package registers its subcommands in its own ``commands.py``: a ``COMMANDS`` mapping
+``name -> Command(help, add_arguments, run)``, each name also declared as an entry point of the
+group ``splitbits.commands`` in pyproject.toml (so the hub names no package: a lower layer never
+imports a higher one). A dotted name is a target of a group: ``bench.codec`` is ``splitbits bench
+codec``; ``bench BUNDLE`` is the group's default target (``bench.bundle``). ``commands.py`` modules
+import only the standard library and ``splitbits.runtime.cli`` at module level, so ``splitbits
+--help`` works on a device that has the runtime extra only; a command imports its heavy
+dependencies when it runs (``with needs_extra("train"): ...`` names the missing extra). A command
+whose module fails to import is listed as unavailable with the reason, never hidden.
 
 Errors: bad input is the user's to fix and gets one line and exit status 2, never a traceback:
 argparse's usage error for a value that is wrong at parse time (the ``type=`` validators below:
@@ -17,32 +22,35 @@ traceback. ``main`` returns the status (argparse errors included); only ``--help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from splitbits.runtime.errors import SplitbitsError
 
-# Modules that contribute subcommands, in the order they are listed in --help.
-COMMAND_MODULES = (
-    "splitbits.trainer.cli",
-    "splitbits.export.cli",
-    "splitbits.runtime.commands",
-    "splitbits.runtime.link_cli",
-    "splitbits.runtime.bench_cli",
-    "splitbits.attacks.cli",
-    "splitbits.jetson.cli",
-)
+#: entry-point group of the subcommands (see pyproject.toml)
+ENTRY_POINT_GROUP = "splitbits.commands"
+#: --help lists the packages' commands in this order (then any other package's)
+PACKAGE_ORDER = ("splitbits.trainer", "splitbits.export", "splitbits.runtime", "splitbits.attacks", "splitbits.jetson")
+#: command groups: name -> (help, default target for a first word that is not a target)
+GROUPS = {
+    "bench": ("benchmarks that print JSON: 'bench codec', 'bench attack', or 'bench BUNDLE' (the on-device runner); "
+              "'splitbits bench TARGET --help' for each", "bundle"),
+}
 
 
 @dataclass(frozen=True)
 class Command:
+    """One subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the exit status."""
+
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
@@ -53,11 +61,15 @@ class CliError(Exception):
     """An error the CLI reports as one line (exit code 2) instead of a traceback."""
 
 
-def missing_extra(exc: ImportError, extra: str) -> CliError:
-    return CliError(
-        f"this command needs the '{extra}' extra ({exc.name or exc} is not installed): "
-        f"pip install 'splitbits[{extra}]'"
-    )
+@contextlib.contextmanager
+def needs_extra(extra: str) -> Iterator[None]:
+    """``with needs_extra("train"): import torch ...``: an ImportError inside becomes one line naming
+    the extra to install."""
+    try:
+        yield
+    except ImportError as exc:
+        raise CliError(f"this command needs the '{extra}' extra ({exc.name or exc} is not installed): "
+                       f"pip install 'splitbits[{extra}]'") from exc
 
 
 # ------------------------------------------------------------------------------------------
@@ -122,17 +134,42 @@ def coder_name(text: str) -> str:
 
 
 def backend_name(text: str) -> str:
-    """An argparse type: ``auto`` or an inference backend of ``splitbits.runtime.backends`` that a
-    command can build from a bundle (not ``torch``: the export's reference needs the model object)."""
+    """An argparse type: ``auto`` or an inference backend of ``splitbits.runtime.backends``."""
     from splitbits.runtime.backends import BACKENDS
 
     if text == "torch":
         raise argparse.ArgumentTypeError("the torch backend is the export's in-process reference (it needs the model "
                                          "object); use onnxruntime, onnxruntime-cuda, onnxruntime-trt or tensorrt")
     if text != "auto" and text not in BACKENDS:
-        choices = ", ".join(["auto", *(b for b in BACKENDS if b != "torch")])
-        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {choices}")
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {', '.join(['auto', *BACKENDS])}")
     return text
+
+
+def add_backend_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--backend/--precision/--cuda-graph/--threads``; :func:`backend_options` checks and reads them."""
+    group.add_argument("--backend", type=backend_name, default=default,
+                       help="auto (TensorRT where the bundle has engines for this device, else ONNX Runtime CPU), "
+                            "onnxruntime, onnxruntime-cuda, onnxruntime-trt, tensorrt")
+    group.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="TensorRT engines to run (tensorrt, auto)")
+    group.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay CUDA graphs (tensorrt, auto)")
+    group.add_argument("--threads", type=nonneg_int, default=0,
+                       help="ONNX Runtime intra-op threads, 0: its default (onnxruntime*, auto)")
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The backend options of :func:`add_backend_arguments` for ``get_backend(args.backend, **options)``;
+    an option the chosen backend cannot take is a :class:`CliError` (``auto`` takes all of them)."""
+    opts: dict[str, Any] = {}
+    if args.precision or args.cuda_graph:
+        if args.backend not in ("tensorrt", "auto"):
+            raise CliError("--precision and --cuda-graph apply to the tensorrt backend (or auto)")
+        opts.update({"precision": args.precision} if args.precision else {})
+        opts.update({"cuda_graph": True} if args.cuda_graph else {})
+    if args.threads:
+        if args.backend == "tensorrt":
+            raise CliError("--threads applies to the onnxruntime backends (or auto)")
+        opts["threads"] = args.threads
+    return opts
 
 
 def existing_file(text: str) -> str:
@@ -212,6 +249,55 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the line breaks of command descriptions."""
 
 
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # dotted: "bench.codec"
+    module: str
+    command: Command | None  # None: its module failed to import
+    reason: str = ""
+
+
+def discover_commands() -> list[_Entry]:
+    """Every registered subcommand, in --help order; those whose module fails to import carry the reason."""
+    from importlib.metadata import entry_points
+
+    eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    modules: dict[str, Any] = {}
+    out = []
+    for ep in eps:
+        if ep.module not in modules:
+            try:
+                modules[ep.module] = importlib.import_module(ep.module)
+            except Exception as exc:
+                modules[ep.module] = f"{type(exc).__name__}: {one_line(exc)}"
+        mod = modules[ep.module]
+        if isinstance(mod, str):
+            out.append(_Entry(ep.name, ep.module, None, mod))
+            continue
+        cmd = getattr(mod, "COMMANDS", {}).get(ep.name)
+        out.append(_Entry(ep.name, ep.module, cmd, "" if cmd else f"{ep.module} has no COMMANDS[{ep.name!r}]"))
+
+    def position(e: _Entry) -> int:  # the order of the module's COMMANDS table
+        names = list(getattr(modules[e.module], "COMMANDS", {})) if not isinstance(modules[e.module], str) else []
+        return names.index(e.name) if e.name in names else len(names)
+
+    return sorted(out, key=lambda e: (_package_rank(e.module), position(e)))
+
+
+def _package_rank(module: str) -> int:
+    return next((i for i, p in enumerate(PACKAGE_ORDER) if module.startswith(p + ".")), len(PACKAGE_ORDER))
+
+
+def _unavailable(name: str, reason: str) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        raise CliError(f"'{name}' is unavailable in this installation: {reason}")
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    return Command(f"(unavailable: {reason})", add, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitbits",
@@ -220,21 +306,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for modname in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue
-            raise
-        for name, cmd in getattr(mod, "COMMANDS", {}).items():
-            p = sub.add_parser(
-                name, help=cmd.help, description=cmd.description or cmd.help,
-                formatter_class=_HelpFormatter,
-            )
-            cmd.add_arguments(p)
-            p.set_defaults(_run=cmd.run)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for entry in discover_commands():
+        path = entry.name.split(".")
+        cmd = entry.command or _unavailable(" ".join(path), entry.reason)
+        where = sub
+        if len(path) == 2:
+            if path[0] not in groups:
+                ghelp = GROUPS.get(path[0], (f"{path[0]} commands", None))[0]
+                gp = sub.add_parser(path[0], help=ghelp, description=ghelp)
+                groups[path[0]] = gp.add_subparsers(dest="target", metavar="TARGET")
+            where = groups[path[0]]
+        p = where.add_parser(path[-1], help=cmd.help, description=cmd.description or cmd.help,
+                             formatter_class=_HelpFormatter,
+                             prog=f"splitbits {' '.join(path)}")
+        cmd.add_arguments(p)
+        default_target = len(path) == 2 and GROUPS.get(path[0], ("", None))[1] == path[1]
+        p.set_defaults(_run=cmd.run, _name=path[0] if default_target else " ".join(path))
     return parser
+
+
+def _with_default_targets(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``bench BUNDLE ...`` → ``bench bundle BUNDLE ...``: a group's first word that is not one of its
+    targets goes to the group's default target."""
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if len(words) < 2 or argv[words[0]] not in GROUPS:
+        return argv
+    group, first = argv[words[0]], words[1]
+    if first != words[0] + 1:  # an option between the group and its first word
+        return argv
+    targets = _targets(parser, group)
+    default = GROUPS[group][1]
+    if argv[first] in targets or default is None:
+        return argv
+    return [*argv[:first], default, *argv[first:]]
+
+
+def _targets(parser: argparse.ArgumentParser, group: str) -> set[str]:
+    for action in parser._subparsers._group_actions if parser._subparsers else []:  # type: ignore[attr-defined]
+        gp = action.choices.get(group)
+        if gp is not None and gp._subparsers is not None:
+            return {t for a in gp._subparsers._group_actions for t in a.choices}
+    return set()
 
 
 def _exit_status(exc: SystemExit) -> int:
@@ -247,6 +360,7 @@ def _exit_status(exc: SystemExit) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; bad input is one line on stderr and exit status 2 (see the module doc)."""
     parser = build_parser()
+    argv = _with_default_targets(list(sys.argv[1:] if argv is None else argv), parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -257,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    args.command = args._name
     try:
         rc = args._run(args)
     except (CliError, SplitbitsError) as exc:

@@ -2,7 +2,7 @@
 file of pre-generated (e.g. adversarial) inputs — all numpy, no torch, so they run on a device.
 
 * ``--dataset SPEC [--split val] [--limit N]`` — any ``splitbits.runtime.datasets`` spec;
-* ``--attack corruption:NAME:SEVERITY`` — applies ``splitbits.attacks.corruptions.corrupt`` (numpy)
+* ``--attack corruption:NAME:SEVERITY`` — applies ``splitbits.runtime.corruptions.corrupt`` (numpy)
   to the dataset images;
 * ``--inputs FILE.npz`` — ``images`` (uint8 N×H×W×3) and optional ``labels``, as written by
   ``splitbits attack ... --save-inputs`` or ``splitbits bench ... --save-inputs``.
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from splitbits.runtime.corruptions import CorruptionError, check_corruption, corrupt
 from splitbits.runtime.errors import InputError, SplitbitsError
 
 
@@ -51,32 +52,20 @@ def parse_attack(spec: str) -> tuple[str, str, int]:
 
 
 def check_attack(spec: str) -> tuple[str, str, int]:
-    """:func:`parse_attack` plus the corruption's name where the corruptions are installed (a device
-    without them finds out in :func:`apply_corruption`, with its own message)."""
+    """:func:`parse_attack` plus the corruption's name and severity."""
     kind, name, severity = parse_attack(spec)
     try:
-        from splitbits.attacks.corruptions import check_corruption
-    except ImportError:
-        return kind, name, severity
-    try:
         check_corruption(name, severity)
-    except ValueError as exc:
+    except CorruptionError as exc:
         raise InputError(f"--attack {spec!r}: {exc}") from None
     return kind, name, severity
 
 
 def apply_corruption(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """``splitbits.attacks.corruptions.corrupt`` imported on demand, with a clear error if absent."""
-    try:
-        from splitbits.attacks.corruptions import corrupt
-    except ImportError as exc:
-        raise SplitbitsError(
-            f"--attack corruption:{name}:{severity} needs splitbits.attacks.corruptions, which is not "
-            f"available in this installation ({exc}); pre-generate the inputs elsewhere and pass --inputs FILE.npz"
-        ) from exc
+    """:func:`splitbits.runtime.corruptions.corrupt`, its errors as :class:`InputError`."""
     try:
         out = corrupt(images, name, severity, seed=seed)
-    except ValueError as exc:  # CorruptionError: unknown name, bad severity, images it cannot take
+    except CorruptionError as exc:  # unknown name, bad severity, images it cannot take, library missing
         raise InputError(f"--attack corruption:{name}:{severity}: {exc}") from None
     out = np.asarray(out)
     if out.dtype != np.uint8 or out.shape != images.shape:

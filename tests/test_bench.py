@@ -3,6 +3,7 @@ verification, inputs (npz, corruption), the results report, and the Jetson parse
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -13,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from splitbits.jetson import bench
+from splitbits.jetson.commands import add_bench_bundle_arguments
 from splitbits.jetson.device import jetpack_from_l4t, parse_cuda_version, parse_l4t_release, parse_nvpmodel
 from splitbits.jetson.report import load_results, markdown, precision_of, rows, write_report
 from splitbits.jetson.tegrastats import TegraSample, TegraStatsSampler, energy_summary, parse_line
@@ -137,7 +139,9 @@ def inputs_npz(tmp_path_factory):
 
 
 def _bench(argv: list[str]) -> int:
-    return bench.main(bench.build_parser().parse_args(argv))
+    parser = argparse.ArgumentParser()
+    add_bench_bundle_arguments(parser)
+    return bench.main(parser.parse_args(argv))
 
 
 def test_bench_desktop_emulation_json_schema(tiny_bundles, inputs_npz, tmp_path):
@@ -213,23 +217,31 @@ def test_bench_through_the_cli_with_save_inputs(tiny_bundles, inputs_npz, tmp_pa
         assert z["images"].shape == (2, 64, 64, 3) and list(z["labels"]) == [0, 1]
 
 
-def test_bench_corruption_attack(tiny_bundles, tmp_path, monkeypatch):
-    corruptions = pytest.importorskip("splitbits.attacks.corruptions",
-                                      reason="splitbits.attacks.corruptions is not in this tree yet")
-    out = tmp_path / "shot.json"
+def test_bench_corruption_attack_measures_the_corrupted_images(tiny_bundles, tmp_path):
+    from splitbits.runtime.corruptions import corrupt
+    from splitbits.runtime.datasets import open_dataset
+
+    out, saved = tmp_path / "shot.json", tmp_path / "shot.npz"
     rc = _bench([str(tiny_bundles["fp"]), "--backend", "onnxruntime", "--limit", "4", "--warmup", "0",
-                 "--attack", "corruption:shot_noise:3", "--json", str(out), "--no-progress"])
-    assert rc == 0 and corruptions is not None
+                 "--attack", "corruption:shot_noise:3", "--save-inputs", str(saved), "--json", str(out),
+                 "--no-progress"])
+    assert rc == 0
     r = json.loads(out.read_text())
     assert r["inputs"]["attack"] == "corruption:shot_noise:3" and r["inputs"]["name"].endswith("shot_noise:3")
+    ds = open_dataset("builtin", "val", image_size=64, limit=4)
+    clean = np.stack([ds[i][0] for i in range(4)])
+    with np.load(saved) as z:
+        measured = z["images"]
+    assert not np.array_equal(measured, clean)
+    np.testing.assert_array_equal(measured, corrupt(clean, "shot_noise", 3, seed=0))
 
 
-def test_corruption_without_the_attacks_package_is_a_clear_error(monkeypatch, images):
-    from splitbits.runtime.errors import SplitbitsError
+def test_corruption_without_its_library_is_a_clear_error(monkeypatch, images):
+    from splitbits.runtime.errors import InputError
     from splitbits.runtime.inputs import apply_corruption
 
-    monkeypatch.setitem(sys.modules, "splitbits.attacks.corruptions", None)  # import now fails
-    with pytest.raises(SplitbitsError, match=r"--inputs FILE\.npz"):
+    monkeypatch.setitem(sys.modules, "imagecorruptions", None)  # the library's import now fails
+    with pytest.raises(InputError, match=r"pip install 'splitbits\[corruptions\]'"):
         apply_corruption(images, "shot_noise", 3)
 
 

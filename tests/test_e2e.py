@@ -14,7 +14,7 @@ QUICK_STUDENT = ("stage1.epochs=1", "stage1.limit_batches=3", "stage2.epochs=1",
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
-    from splitbits.export.demo import run_demo
+    from splitbits.attacks.demo import run_demo
 
     out = tmp_path / "demo"
     r = run_demo(out, family="mshp", limit=24, attacks=False, progress=False,

@@ -287,7 +287,8 @@ def test_stop_answers_in_flight_requests_then_closes(mshp):
         await srv.start()
         c = await LinkClient(*srv.address).connect()
         futs = [asyncio.ensure_future(c.request(p)) for p in packets]
-        await asyncio.sleep(0.01)
+        while srv.stats.requests < len(packets):  # every request read by the server: now they are in flight
+            await asyncio.sleep(0.002)
         await srv.stop()
         reps = await asyncio.gather(*futs, return_exceptions=True)
         await c.close()

@@ -5,6 +5,7 @@ selection and verification — not TensorRT itself (see test_trt_engine.py for t
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import types
@@ -180,12 +181,15 @@ def test_bench_on_the_tensorrt_backend(bundle_copy, installed_fakes, tmp_path):
     from support import textured_images as _images
 
     from splitbits.jetson import bench
+    from splitbits.jetson.commands import add_bench_bundle_arguments
 
     trt, cuda, _ = installed_fakes
     b = bundle_copy("mshp")
     _build(b, trt, cuda, precision="fp16")
     np.savez(tmp_path / "in.npz", images=_images(4, seed=2), labels=np.arange(4))
-    args = bench.build_parser().parse_args([str(b), "--backend", "tensorrt", "--precision", "fp16", "--cuda-graph",
+    parser = argparse.ArgumentParser()
+    add_bench_bundle_arguments(parser)
+    args = parser.parse_args([str(b), "--backend", "tensorrt", "--precision", "fp16", "--cuda-graph",
                                             "--inputs", str(tmp_path / "in.npz"), "--warmup", "1", "--no-progress"])
     result, status = bench.run_bench(args)
     assert status == 0 and result["status"] == "ok"

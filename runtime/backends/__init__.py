@@ -1,12 +1,12 @@
 """Inference backends by name: ``onnxruntime`` (CPU), ``onnxruntime-cuda``, ``onnxruntime-trt``
 (ONNX Runtime's CUDA / TensorRT execution providers), ``tensorrt`` (the bundle's prebuilt engines),
-``torch`` (reference), or ``auto``.
+or ``auto``.
 
 ``auto`` picks ``tensorrt`` only where TensorRT imports *and* the bundle (pass ``bundle=``) holds
 engines for this device and TensorRT version; otherwise ``onnxruntime`` on the CPU.
 
-The torch reference backend lives in ``splitbits.export`` (the runtime never imports torch) and
-needs a model object: ``get_backend("torch", model=...)``.
+The torch reference backend lives in ``splitbits.export.torch_backend`` (the runtime never imports
+torch); it needs the model object, so it is built directly: ``TorchBackend(model)``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ BACKENDS: dict[str, str] = {
     "onnxruntime-cuda": "splitbits.runtime.backends.onnxruntime:OrtCudaBackend",
     "onnxruntime-trt": "splitbits.runtime.backends.onnxruntime:OrtTrtBackend",
     "tensorrt": "splitbits.runtime.backends.tensorrt:TrtBackend",
-    "torch": "splitbits.export.torch_backend:TorchBackend",
 }
 
 

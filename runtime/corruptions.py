@@ -1,6 +1,7 @@
 """The 19 ImageNet-C corruptions × severities 1–5, generated on the fly, seeded and reproducible.
 
-numpy only (no torch): the on-device bench imports this module. The corruption functions come from
+numpy only (no torch): the on-device bench (``--attack corruption:...``) and the attacks use it.
+The corruption functions come from
 ``imagecorruptions-imaug`` (import name ``imagecorruptions``), a maintained fork of Hendrycks'
 ``imagecorruptions`` that runs on current numpy; it is imported only when images are corrupted, so
 :func:`check_corruption` works without it.
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from splitbits.runtime.errors import InputError
+
 # The order of imagecorruptions' corruption_tuple (15 "common" + 4 "validation" corruptions).
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -28,7 +31,7 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 _SEEDED_KWARG = ("glass_blur", "impulse_noise")  # take ``seed=`` instead of numpy's global RNG
 
 
-class CorruptionError(ValueError):
+class CorruptionError(InputError):
     """Unknown corruption name, severity outside 1–5, or images the corruptions cannot take."""
 
 
@@ -55,7 +58,7 @@ def _library():
         import imagecorruptions
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise CorruptionError(
-            "natural corruptions need imagecorruptions-imaug: pip install 'splitbits[attacks]'"
+            "natural corruptions need imagecorruptions-imaug: pip install 'splitbits[corruptions]'"
         ) from exc
     return imagecorruptions
 

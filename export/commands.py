@@ -9,10 +9,12 @@ from pathlib import Path
 from splitbits.runtime.cli import (
     CliError,
     Command,
+    existing_dir,
     existing_file,
     int_range,
-    missing_extra,
+    needs_extra,
     nonneg_float,
+    nonneg_int,
     output_file,
     positive_int,
 )
@@ -62,11 +64,9 @@ def _is_bundle_dir(path: str) -> bool:
 
 def run_export_trt(args: argparse.Namespace) -> int:
     """``splitbits export BUNDLE --trt``: engines for this device (or the ONNX side only)."""
-    try:
+    with needs_extra("jetson"):
         from splitbits.export.tensorrt import TOLERANCES, TrtBuildOptions, build_engines
         from splitbits.runtime.verify import Tolerance
-    except ImportError as exc:
-        raise missing_extra(exc, "jetson") from exc
     tol = None
     if args.atol is not None or args.rtol is not None:
         base = TOLERANCES[args.precision]
@@ -112,12 +112,10 @@ def run_export(args: argparse.Namespace) -> int:
                        "(export the checkpoint first, then run --trt on the device)")
     if not args.out:
         raise CliError("--out is required when exporting a checkpoint")
-    try:
+    with needs_extra("train"):
         from splitbits.export.bundle import export_bundle
         from splitbits.trainer.checkpoint import load_model
         from splitbits.trainer.models import ModelSpec, SplitClassifier
-    except ImportError as exc:
-        raise missing_extra(exc, "train") from exc
     if args.golden < 1:
         raise CliError("--golden must be at least 1")
     spec = None
@@ -155,46 +153,70 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory (checkpoints are cached here)")
-    p.add_argument("--family", choices=["mshp", "fp"], default="mshp", help="entropy model of the student")
-    p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N validation images only")
-    p.add_argument("--no-attacks", action="store_true", help="skip the attack/defence/corruption section")
-    p.add_argument("--hyper", choices=["auto", "int", "float"], default="auto",
-                   help="MSHP hyper path of the edge encoder: int (deterministic across devices; auto picks it) "
-                        "or float (hyper.onnx)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the tiny_teacher config (repeatable), e.g. train.epochs=5")
-    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the tiny_<family> student config, e.g. student.beta=0.32")
+BENCH_CODEC_DESCRIPTION = """\
+``splitbits bench codec``: the entropy coders on real latents, in one process, medians over repeats.
+
+Latent sets (one image = one MSHP packet's z and y sections, or one FP packet's y section):
+
+* ``resnet50_mshp_224`` / ``resnet50_fp_224``: the Entropic-Student ResNet-50 bottleneck,
+  untrained but with compressai ``update()`` tables (seeded), on 224×224 images (builtin
+  validation images; builtin renders at most ~200 px, so they are rendered smaller and upsampled);
+* every ``--bundle PATH``: an exported bundle (e.g. the demo's trained tiny model), its head on
+  ONNX Runtime over builtin validation images at the bundle's input size.
+
+Coders, on the same symbols and tables: ``numba`` (the default coder; per latent and batched, and
+with interleaved states for comparison), ``constriction`` (the alternative coder), compressai's
+C++ rANS with the table lists built once (``compressai_core``, its bare coder) and compressai as
+its users call it (``GaussianConditional.compress`` / ``decompress`` with the exported tables:
+``compressai``, the issue's reference, which converts the tables to lists on every call). All run
+single-threaded. Timings interleave the coders within each repeat so machine noise hits all
+alike; figures are medians over (repeat × image) of the process' CPU time — one core's work, with
+preemption by other processes on a shared machine excluded; torch, BLAS and ONNX Runtime run on one
+thread — with wall-clock medians beside.
+Bytes are ``len()`` of the blobs, next to the ideal −Σlog₂p under the exported tables (escapes at
+their escape bytes).
+
+For MSHP sets the integer hyper path is measured against the float one on the same latents:
+payload bytes, idx agreement, top-1 (accuracy on labelled bundles; argmax agreement for the
+untrained ResNet-50) and time per image (int path in numpy vs the float hyper graph on ONNX
+Runtime, both on one thread).
+
+Targets (issue 3) are evaluated per set and written with every figure, the machine and the
+versions to ``--json``; ``--markdown`` writes the README table.
+"""
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    try:
-        from splitbits.export.demo import run_demo as demo
-    except ImportError as exc:
-        raise missing_extra(exc, "train") from exc
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be at least 1")
-    r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
-             progress=not args.no_progress, teacher_overrides=tuple(args.teacher_set),
-             student_overrides=tuple(args.student_set), hyper=args.hyper)
-    print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
-    return 0 if r else 1
+def add_bench_codec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=output_file, metavar="FILE",
+                   help="write every figure, the machine and the versions here")
+    p.add_argument("--markdown", type=output_file, metavar="FILE", help="write the README table here")
+    p.add_argument("--images", type=positive_int, default=8, help="images per latent set (default 8)")
+    p.add_argument("--repeats", type=positive_int, default=31, help="timing repeats per image (default 31)")
+    p.add_argument("--slow-repeats", type=positive_int, default=5, help="repeats for compressai's coders (default 5)")
+    p.add_argument("--bundle", type=existing_dir, action="append", default=[], metavar="PATH",
+                   help="also bench an exported bundle's latents (e.g. the demo's trained tiny model); repeatable")
+    p.add_argument("--bundle-images", type=positive_int, default=64,
+                   help="images per bundle latent set, i.e. the batch of the batched figures (default 64)")
+    p.add_argument("--accuracy-images", type=nonneg_int, default=1200,
+                   help="validation images for the int-vs-float hyper top-1 of MSHP bundles (default 1200)")
+    p.add_argument("--hyper-repeats", type=positive_int, default=21,
+                   help="repeats for the hyper-path timings (default 21)")
+    p.add_argument("--dataset", default="builtin", help="image source (default builtin)")
+    p.add_argument("--no-resnet50", action="store_true", help="skip the ResNet-50 latent sets")
+    p.add_argument("--lanes", type=int_range(0, 5), nargs="*", default=[0, 1, 2],
+                   help="numba interleavings to compare, as log2(states) (default 0 1 2)")
+    p.add_argument("--no-compressai", action="store_true", help="skip compressai's coders")
+    p.add_argument("--torch-threads", type=nonneg_int, default=1,
+                   help="torch threads for compressai's model API (default 1: one core; 0: torch's default)")
+    p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process start-up measurement")
 
+
+def run_bench_codec(args: argparse.Namespace) -> int:
+    from splitbits.export.codec_bench import main
+
+    return int(main(args) or 0)
 
 COMMANDS = {
-    "demo": Command(
-        "train, export, run and report on the builtin dataset (what `make demo` runs)",
-        add_demo_arguments, run_demo,
-        description="The whole pipeline on the builtin dataset: train the tiny teacher and split student "
-        "(reusing cached checkpoints whose config is unchanged), export a verified bundle, push every "
-        "validation image through edge encode -> packet -> server decode on ONNX Runtime, and write "
-        "report.json, report.md and plots (accuracy, bytes per image real vs estimated vs JPEG q75, "
-        "latency per stage).",
-    ),
     "export": Command(
         "export a checkpoint to a verified bundle, or build TensorRT engines for a bundle (--trt)",
         add_export_arguments, run_export,
@@ -207,5 +229,9 @@ COMMANDS = {
         "feeding the entropy model stay FP32, hyper is always FP32, INT8 uses explicit Q/DQ calibrated on "
         "--dataset. Engines are verified against golden/ and listed in the manifest. Where TensorRT is "
         "missing, --onnx-only prepares the same ONNX and checks it with ONNX Runtime.",
+    ),
+    "bench.codec": Command(
+        "entropy coders on real latents: numba vs constriction vs compressai (speed, bytes vs ideal)",
+        add_bench_codec_arguments, run_bench_codec, description=BENCH_CODEC_DESCRIPTION,
     ),
 }

@@ -12,7 +12,7 @@ pytest.importorskip("imagecorruptions")
 
 from support import textured_images
 
-from splitbits.attacks.corruptions import (
+from splitbits.runtime.corruptions import (
     CORRUPTIONS,
     CorruptionError,
     check_corruption,
@@ -86,7 +86,7 @@ def test_bad_images() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = ("import sys, numpy as np; from splitbits.attacks.corruptions import corrupt; "
+    code = ("import sys, numpy as np; from splitbits.runtime.corruptions import corrupt; "
             "corrupt(np.full((1, 32, 32, 3), 128, np.uint8), 'contrast', 1); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from splitbits.runtime.cli import CliError, Command, missing_extra
+from splitbits.runtime.cli import CliError, Command, needs_extra
 
 DESCRIPTION = """\
 Train a teacher classifier or a split Entropic Student from a YAML config.
@@ -110,10 +110,8 @@ def _print_summary(metrics: dict[str, Any], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    with needs_extra("train"):
         from splitbits.trainer.config import ConfigError, load_config
-    except ImportError as exc:  # pragma: no cover
-        raise missing_extra(exc, "train") from exc
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -131,10 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--teacher is only for student configs (this config is kind: teacher)")
     if args.threads is not None and args.threads < 1:
         raise CliError("--threads must be at least 1")
-    try:
+    with needs_extra("train"):
         from splitbits.trainer.train import TrainError, train_student, train_teacher
-    except ImportError as exc:
-        raise missing_extra(exc, "train") from exc
     from splitbits.runtime.datasets import DatasetError
 
     progress = not args.no_progress

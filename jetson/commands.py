@@ -7,7 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from splitbits.runtime.cli import CliError, Command, existing_path, output_file
+from splitbits.runtime.cli import (
+    CliError,
+    Command,
+    add_backend_arguments,
+    add_input_arguments,
+    coder_name,
+    existing_path,
+    nonneg_float,
+    nonneg_int,
+    output_file,
+    positive_float,
+    positive_int,
+)
 
 REPORT_DESCRIPTION = """\
 Compare results of `splitbits bench` and `splitbits send` side by side: devices, backends,
@@ -96,9 +108,64 @@ def run_device(args: argparse.Namespace) -> int:
     return 0
 
 
+
+BENCH_BUNDLE_DESCRIPTION = """\
+``splitbits bench BUNDLE``: the on-device benchmark runner (and, on a desktop, its emulation).
+
+For each image: preprocess → head → quantise (→ hyper on the edge for MSHP) → entropy-encode →
+packet, then the modelled transmit time at ``--link-mbps``, then server-side parse/decode (→ hyper)
+→ tail, all in this process on the chosen backend. Reports per-stage latency (mean, p50/p90/p99
+after ``--warmup`` images), throughput, bytes per image (``len()`` of the real packet, with the
+likelihood estimate beside it), top-1 accuracy, peak memory, and on a Jetson the power mode,
+clocks and energy per image from tegrastats sampled during the timed loop.
+
+Before measuring it verifies the backend against the bundle's ``golden/`` (tolerances per
+precision); a bundle that fails is refused: no numbers are reported, the JSON (if asked) holds
+only the verification, and the exit status is 3.
+
+Desktop emulation (what CI runs)::
+
+    splitbits bench runs/demo/bundle --backend onnxruntime --limit 64 --json results/desktop.json
+
+On a Jetson::
+
+    splitbits bench runs/demo/bundle --backend tensorrt --precision fp16 --limit 500 \\
+        --json results/orin-fp16.json
+"""
+
+
+def add_bench_bundle_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle directory")
+    b = p.add_argument_group("backend")
+    add_backend_arguments(b)
+    b.add_argument("--coder", type=coder_name, default=None, help="entropy coder (default: the runtime's default)")
+    b.add_argument("--atol", type=nonneg_float, default=None, help="verification atol (default: per backend/precision)")
+    b.add_argument("--rtol", type=nonneg_float, default=None, help="verification rtol (default: per backend/precision)")
+    i = p.add_argument_group("inputs")
+    add_input_arguments(i, limit_help="number of images measured")
+    i.add_argument("--save-inputs", type=output_file, metavar="FILE.npz",
+                   help="also write the inputs used (to replay on a device)")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--warmup", type=nonneg_int, default=5, help="untimed images first")
+    m.add_argument("--repeat", type=positive_int, default=1, help="passes over the inputs")
+    m.add_argument("--link-mbps", type=positive_float, default=10.0, help="link rate of the modelled transmit stage")
+    m.add_argument("--power", choices=["auto", "on", "off"], default="auto",
+                   help="sample tegrastats for power/energy (auto: where tegrastats exists)")
+    m.add_argument("--tegrastats-interval-ms", type=positive_int, default=100, help="tegrastats sampling interval")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_bench_bundle(args: argparse.Namespace) -> int:
+    from splitbits.jetson.bench import main
+
+    return int(main(args) or 0)
+
 COMMANDS = {
     "report": Command("compare bench/send results: Markdown/HTML tables and plots",
                       add_report_arguments, run_report, description=REPORT_DESCRIPTION),
     "device": Command("what this machine is: Jetson board, JetPack/L4T, CUDA, TensorRT, power mode, clocks",
                       add_device_arguments, run_device),
+    "bench.bundle": Command("the on-device runner: per-stage latency, bytes, accuracy, memory, power ('bench BUNDLE')",
+                    add_bench_bundle_arguments, run_bench_bundle, description=BENCH_BUNDLE_DESCRIPTION),
 }
