@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -18,15 +16,12 @@ from splitbits.runtime.corruptions import CORRUPTIONS, CorruptionError, check_co
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU count, load average and torch threads: every timing is reported with these."""
+    """``runtime.machine.machine_info`` and torch's threads and GPU: every timing is reported with these."""
     import torch
 
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover - not on Linux/macOS
-        load = (float("nan"),) * 3
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_1_5_15": [round(v, 2) for v in load],
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    from splitbits.runtime.machine import machine_info as base
+
+    return {**base(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

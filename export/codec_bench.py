@@ -36,14 +36,12 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ import numpy as np
 
 from splitbits.runtime.codec import CdfTables, get_coder
 from splitbits.runtime.codec.numba_coder import NumbaCoder
+from splitbits.runtime.machine import busy_processes, machine_info, package_versions
 from splitbits.runtime.report import md_table, write_json
 
 TARGETS = {"encode_msym_s": 80.0, "decode_msym_s": 40.0, "vs_compressai": 25.0, "vs_constriction": 3.0,
@@ -146,53 +145,6 @@ class CompressaiModel:
 # ---------------------------------------------------------------------------------------------
 # machine and environment
 # ---------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("splitbits", "numpy", "numba", "llvmlite", "constriction", "compressai", "torch", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _busy_processes(limit: int = 5) -> list[str]:
-    """The busiest other processes (``top -bn1``), to say whether the machine was shared."""
-    try:
-        out = subprocess.run(["top", "-bn1", "-o", "%CPU"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    lines = out.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("PID")), None)
-    rows: list[str] = []
-    for ln in lines[start + 1:] if start is not None else []:
-        parts = ln.split()
-        if len(parts) >= 12 and parts[0] != str(os.getpid()):
-            with contextlib.suppress(ValueError):
-                if float(parts[8]) >= 5.0:
-                    rows.append(f"{parts[11]} (pid {parts[0]}) {parts[8]}% CPU")
-        if len(rows) >= limit:
-            break
-    return rows
-
-
-def _machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu": _cpu_model(), "machine": platform.machine(), "system": platform.system(),
-                            "logical_cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
-                            "busy_processes_start": _busy_processes()}
-    with contextlib.suppress(AttributeError):
-        info["affinity"] = sorted(os.sched_getaffinity(0))
-    return info
 
 
 def _blas_threads(n: int) -> bool:
@@ -654,7 +606,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    machine = _machine()
+    machine = machine_info(versions=False)
+    machine["busy_processes_start"] = busy_processes()
     blas_one = _blas_threads(1)
     torch_threads = 0
     with contextlib.suppress(ImportError):
@@ -689,7 +642,7 @@ def main(args: argparse.Namespace) -> int:
             coders["numba"].encode(s.symbols[0], s.index[0], s.tables)
     result: dict[str, Any] = {
         "command": "splitbits bench codec " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "codec"] else []),
-        "machine": machine, "versions": _versions(),
+        "machine": machine, "versions": package_versions(),
         "settings": {"images": args.images, "bundle_images": args.bundle_images, "repeats": args.repeats,
                      "slow_repeats": args.slow_repeats, "accuracy_images": args.accuracy_images,
                      "lanes": args.lanes, "blas_threads_limited_to_1": blas_one, "torch_threads": torch_threads,
@@ -704,7 +657,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_cold_start:
         result["numba_cold_start"] = _cold_start_ms()
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    result["machine"]["busy_processes_end"] = _busy_processes()
+    result["machine"]["busy_processes_end"] = busy_processes()
     result["all_targets_met"] = all(all(s["targets"].values()) for s in result["sets"].values())
     table = markdown_table(result)
     result["markdown"] = table
@@ -714,6 +667,6 @@ def main(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(table + "\n")
     print(table)
     failed = [f"{n}: {k}" for n, s in result["sets"].items() for k, ok in s["targets"].items() if not ok]
-    print(f"\nload average {machine['loadavg_start'][0]:.2f} → {result['machine']['loadavg_end'][0]:.2f} on "
-          f"{machine['logical_cpus']} CPUs; targets not met: {failed or 'none'}")
+    print(f"\nload average {machine['loadavg_1_5_15'][0]:.2f} → {result['machine']['loadavg_end'][0]:.2f} on "
+          f"{machine['cpu_count']} CPUs; targets not met: {failed or 'none'}")
     return 0

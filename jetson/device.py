@@ -10,12 +10,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from splitbits.runtime.machine import machine_info
 
 # JetPack releases by L4T version (the apt meta-package nvidia-jetpack is asked first).
 JETPACK_BY_L4T = {
@@ -125,25 +126,11 @@ def cpu_freqs_mhz() -> list[int]:
     return out
 
 
-def cpu_model() -> str:
-    text = _read("/proc/cpuinfo") or ""
-    m = re.search(r"^(?:model name|Model)\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else platform.processor() or platform.machine()
-
-
 def device_info() -> dict[str, Any]:
-    """Everything a benchmark report needs to say where it ran."""
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "jetson": None,
-        "cuda": cuda_version(),
-        "tensorrt": tensorrt_version(),
-    }
+    """Everything a benchmark report needs to say where it ran: ``runtime.machine.machine_info`` and
+    the Jetson facts (board, JetPack, power mode, clocks), CUDA and TensorRT."""
+    info = machine_info()
+    info.update(jetson=None, cuda=cuda_version(), tensorrt=tensorrt_version())
     board = jetson_board()
     if board:
         l4t = parse_l4t_release(_read("/etc/nv_tegra_release") or "")

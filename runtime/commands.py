@@ -223,12 +223,12 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_send(args: argparse.Namespace) -> int:
     import asyncio
-    import platform
     import time
 
     from splitbits.runtime.client import LinkError, send_images, summarize_send
     from splitbits.runtime.inputs import inputs_from_args
     from splitbits.runtime.link import client_tls_context, parse_hostport
+    from splitbits.runtime.machine import machine_info
     from splitbits.runtime.pipeline import EdgeEncoder
     from splitbits.runtime.progress import progress_bar
     from splitbits.runtime.report import rich_table, write_json
@@ -261,7 +261,7 @@ def run_send(args: argparse.Namespace) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
         "bundle": {"path": str(enc.bundle.path), "fingerprint": enc.bundle.fingerprint, "family": enc.bundle.family},
-        "device": {"hostname": platform.node(), "machine": platform.machine()},
+        "device": machine_info(),
         "backend": enc.backend.describe(),
         "coder": enc.coder.name,
         "server": f"{host}:{port}",

@@ -60,6 +60,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageNetCDataset",
     "jpeg_size",
+    "load_arrays",
     "mean_jpeg_bytes",
     "open_dataset",
 ]
@@ -121,6 +122,12 @@ class ImageDataset(Sequence):
     def meta(self, i: int) -> dict[str, Any]:
         """Per-item metadata (e.g. source file, corruption and severity)."""
         return {}
+
+    def as_array(self) -> np.ndarray:
+        """All images as one uint8 N×H×W×3 array (square datasets: give ``image_size``)."""
+        if len(self) == 0:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        return np.stack([self._get(i)[0] for i in range(len(self))]).astype(np.uint8, copy=False)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} split={self.split} n={len(self)} classes={self.num_classes}>"
@@ -448,7 +455,7 @@ class BuiltinDataset(ImageDataset):
         """All images as one uint8 N×H×W×3 array (memory-mapped from the cache when possible)."""
         if self._images is not None:
             return self._images[: self._n]
-        return np.stack([self._get(i)[0] for i in range(self._n)])
+        return super().as_array()
 
     def meta(self, i: int) -> dict[str, Any]:
         return {"index": i, "shape": self.classes[self._label(i)]}
@@ -763,6 +770,16 @@ def open_dataset(spec: str, split: str = "val", image_size: int | None = None, l
 # --------------------------------------------------------------------------------------------
 # JPEG reference sizes
 # --------------------------------------------------------------------------------------------
+
+
+def load_arrays(spec: str, split: str = "val", image_size: int | None = None, limit: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``open_dataset`` as arrays: (uint8 N×H×W×3 images, int64 labels); an empty dataset is a
+    :class:`DatasetError`."""
+    ds = open_dataset(spec, split=split, image_size=image_size, limit=limit)
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {spec!r} ({split}) has no images")
+    return np.ascontiguousarray(ds.as_array()), ds.labels()
 
 
 def jpeg_size(image: np.ndarray, quality: int = 75) -> int:
