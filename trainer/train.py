@@ -29,7 +29,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from splitbits.runtime.datasets import mean_jpeg_bytes
 from splitbits.runtime.errors import SplitbitsError
+from splitbits.runtime.progress import Bars
 from splitbits.trainer.checkpoint import (
     CheckpointError,
     model_from_checkpoint,
@@ -129,49 +130,6 @@ def _teardown(ctx: RunContext) -> None:
         dist.destroy_process_group()
 
 
-class _Progress:
-    """A rich progress bar on rank 0 when attached to a terminal; a no-op otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._p = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._p = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=Console(stderr=True), transient=True,
-            )
-
-    def __enter__(self) -> _Progress:
-        if self._p is not None:
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def task(self, desc: str, total: int) -> Any:
-        return None if self._p is None else self._p.add_task(desc, total=total, info="")
-
-    def advance(self, task: Any, info: str = "") -> None:
-        if self._p is not None and task is not None:
-            self._p.update(task, advance=1, info=info)
-
-    def done(self, task: Any) -> None:
-        if self._p is not None and task is not None:
-            self._p.remove_task(task)
-
-
 # --------------------------------------------------------------------------------------------
 # Optimisation helpers
 # --------------------------------------------------------------------------------------------
@@ -217,20 +175,32 @@ def _to_device(model: nn.Module, ctx: RunContext) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if ctx.channels_last else model
 
 
-def _classifier_step(loss: Tensor, logits: Tensor, y: Tensor, opt: torch.optim.Optimizer, sched: Any,
-                     params: Any, grad_clip: float | None, tot: list[float]) -> float:
-    """One optimiser step on a classification loss; adds loss·n, correct and n to ``tot``."""
+def _optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: Any, params: Any,
+                    grad_clip: float | None) -> None:
+    """Backward ``loss``, clip the gradients of ``params`` (when ``grad_clip``), step ``opt`` and ``sched``."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
         nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     sched.step()
+
+
+def _classifier_step(loss: Tensor, logits: Tensor, y: Tensor, opt: torch.optim.Optimizer, sched: Any,
+                     params: Any, grad_clip: float | None, tot: list[float]) -> str:
+    """One optimiser step on a classification loss; adds loss·n, correct and n to ``tot``; the bar's info."""
+    _optimizer_step(loss, opt, sched, params, grad_clip)
     lv = loss.item()
     tot[0] += lv * len(y)
     tot[1] += (logits.detach().argmax(1) == y).sum().item()
     tot[2] += len(y)
-    return lv
+    return f"loss {lv:.3f}"
+
+
+def _classifier_stats(tot: list[float], opt: torch.optim.Optimizer) -> dict[str, float]:
+    """An epoch's stats from the totals of :func:`_classifier_step` (all ranks)."""
+    n = max(tot[2], 1.0)
+    return {"loss": tot[0] / n, "train_top1": 100 * tot[1] / n, "lr": opt.param_groups[0]["lr"]}
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -308,7 +278,7 @@ def total_bits(likelihoods: dict[str, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loaders: Loaders, ctx: RunContext, teacher: nn.Module | None = None,
-             desc: str = "eval", bar: _Progress | None = None) -> dict[str, float]:
+             desc: str = "eval", bar: Bars | None = None) -> dict[str, float]:
     """Top-1 of ``model`` (and ``teacher``) on the val loader; for split models also the estimated
     bits per image (−Σ log₂ p of each latent term, eval mode, rounded latents)."""
     model = _unwrap(model)
@@ -319,7 +289,7 @@ def evaluate(model: nn.Module, loaders: Loaders, ctx: RunContext, teacher: nn.Mo
     split = isinstance(model, SplitClassifier)
     names = list(model.bottleneck_layer.latent_names()) if split else []
     sums = [0.0] * (3 + len(names))  # n, correct, teacher correct, bits per term
-    task = bar.task(desc, len(loaders.val)) if bar else None
+    task = bar.add(desc, len(loaders.val)) if bar else None
     for x, y in loaders.val:
         x = prepare_batch(x, ctx.device, channels_last=ctx.channels_last)
         y = y.to(ctx.device)
@@ -337,7 +307,7 @@ def evaluate(model: nn.Module, loaders: Loaders, ctx: RunContext, teacher: nn.Mo
         if bar:
             bar.advance(task)
     if bar:
-        bar.done(task)
+        bar.remove(task)
     sums = _all_reduce(sums, ctx)
     n = max(sums[0], 1.0)
     res: dict[str, float] = {"val_images": int(sums[0]), "top1": 100.0 * sums[1] / n}
@@ -406,6 +376,92 @@ def _iterate(loader: Any, limit: int | None) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# The epoch loop (teacher, student stage 1, student stage 2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """What one training stage brings to :meth:`EpochLoop.run`."""
+
+    name: str  # "teacher", "stage1" or "stage2": log lines, history rows, train_state["stage"]
+    label: str  # the progress bar's description, e.g. "stage 1"
+    epochs: int
+    loaders: Loaders
+    steps: int  # batches per epoch (train.limit_batches)
+    sums: int  # how many running totals ``step`` adds to
+    modes: Callable[[], Any]  # sets train/eval modes at the start of every epoch
+    step: Callable[[Tensor, Tensor, list[float]], str]  # one batch (on the device) -> the bar's info text
+    stats: Callable[[list[float]], dict[str, float]]  # the epoch's totals (all ranks) -> its stats
+    optimizers: dict[str, Any]  # train_state key -> optimizer or LR scheduler
+    epoch_offset: int = 0  # the sampler's epoch is epoch_offset + epoch (stage 2 follows stage 1's epochs)
+    validate: Callable[[int], dict[str, float]] = lambda epoch: {}  # extra stats after an epoch
+    extra_state: dict[str, Any] = field(default_factory=dict)  # more train_state keys
+
+    def restore(self, ts: dict[str, Any]) -> None:
+        """Load the optimizer and scheduler states of a checkpoint written during this stage."""
+        if ts.get("stage") == self.name and ts.get("optimizer") is not None:
+            for key, obj in self.optimizers.items():
+                obj.load_state_dict(ts[key])
+
+
+@dataclass
+class EpochLoop:
+    """The bookkeeping every stage shares: a bar per epoch, history, wall times, the epoch budget of
+    this call (``max_epochs``) and a resumable checkpoint after every epoch but the stage's last."""
+
+    ctx: RunContext
+    bars: Bars
+    gens: dict[str, torch.Generator]  # "sampler", "augment": their states go into every checkpoint
+    write: Callable[[dict[str, Any]], None]  # saves a checkpoint with this train_state (rank 0 calls it)
+    walls: dict[str, float]  # wall seconds per stage name
+    history: list[dict[str, Any]]
+    budget: float = math.inf
+    one_stage: bool = False  # a teacher: history rows without "stage", wall_s a number
+
+    def run(self, stage: Stage, epoch: int) -> int:
+        """Train ``stage`` from ``epoch`` until it ends or the budget is spent; returns the epoch reached."""
+        ctx = self.ctx
+        while epoch < stage.epochs and self.budget > 0:
+            t0 = time.perf_counter()
+            stage.loaders.set_epoch(stage.epoch_offset + epoch)
+            stage.modes()
+            task = self.bars.add(f"{stage.label} {epoch + 1}/{stage.epochs}", stage.steps)
+            tot = [0.0] * stage.sums
+            for x, y in _iterate(stage.loaders.train, stage.steps):
+                x = prepare_batch(x, ctx.device, stage.loaders.augment, self.gens["augment"], ctx.channels_last)
+                self.bars.advance(task, info=stage.step(x, y.to(ctx.device), tot))
+            self.bars.remove(task)
+            stats = stage.stats(_all_reduce(tot, ctx))
+            self.walls[stage.name] += time.perf_counter() - t0
+            epoch += 1
+            self.budget -= 1
+            stats.update(stage.validate(epoch))
+            self.history.append({"epoch": epoch, **stats} if self.one_stage
+                                else {"stage": stage.name, "epoch": epoch, **stats})
+            if ctx.main:
+                log.info(_epoch_line(stage.name, epoch, stage.epochs, stats, time.perf_counter() - t0))
+                if epoch < stage.epochs:
+                    optimizers = {k: obj.state_dict() for k, obj in stage.optimizers.items()}
+                    self.write(self.state(stage.name, epoch, optimizers, stage.extra_state))
+        return epoch
+
+    @property
+    def wall_s(self) -> float | dict[str, float]:
+        """The train_state's wall_s: seconds per stage (a student) or in all (a teacher)."""
+        return next(iter(self.walls.values())) if self.one_stage else self.walls
+
+    def state(self, stage: str, epoch: int, optimizers: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """A resumable train_state: the next stage and epoch, optimizer states, RNGs, wall times, history."""
+        return {"stage": stage, "epoch": epoch, **optimizers, "rng": _rng_state(self.gens), "wall_s": self.wall_s,
+                "history": self.history, **extra, "finished": False}
+
+    def done_state(self, epochs: int) -> dict[str, Any]:
+        """The train_state of a finished run."""
+        return {"stage": "done", "epoch": epochs, "finished": True, "history": self.history, "wall_s": self.wall_s}
+
+
+# --------------------------------------------------------------------------------------------
 # Teacher
 # --------------------------------------------------------------------------------------------
 
@@ -431,7 +487,7 @@ def train_teacher(config: dict[str, Any], out: str | os.PathLike, device: str | 
 
 def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: bool,
                    max_epochs: int | None) -> dict[str, Any]:
-    tcfg, mcfg = config["train"], config["model"]
+    tcfg = config["train"]
     ck = _check_resume(out, config, "teacher") if resume else None
     if ck is not None and ck["train_state"].get("finished"):
         log.info("%s is already finished; nothing to do", out)
@@ -439,6 +495,51 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
     seed = config["seed"]
     _seed_all(seed)
     loaders = build_loaders(config["data"], seed, ctx.rank, ctx.world, ctx.device.type == "cuda")
+    spec = _teacher_spec(config, loaders)
+    loaders = loaders.with_batch_size(tcfg["batch_size"])
+    model = _to_device(TeacherClassifier(spec), ctx)
+    aug_gen = torch.Generator().manual_seed(seed * 1000 + ctx.rank + 1)
+    gens = {"sampler": _sampler_generator(loaders), "augment": aug_gen}
+
+    def write(state: dict[str, Any]) -> None:
+        save_checkpoint(out, model, spec, kind="teacher", config=config, metrics={"epoch": state["epoch"]},
+                        train_state=state)
+
+    loop = EpochLoop(ctx, Bars(ctx.progress), gens, write, {"teacher": 0.0}, [],
+                     math.inf if max_epochs is None else max_epochs, one_stage=True)
+    stage = _teacher_stage(model, loaders, tcfg, loop)
+    epoch, epochs = 0, tcfg["epochs"]
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        ts = ck["train_state"]
+        stage.restore(ts)
+        _set_rng_state(ts["rng"], gens)
+        epoch, loop.walls["teacher"], loop.history = ts["epoch"], ts["wall_s"], list(ts["history"])
+        log.info("resuming %s at epoch %d/%d", out, epoch, epochs)
+    with loop.bars as bars:
+        epoch = loop.run(stage, epoch)
+        if epoch < epochs:
+            return {"finished": False, "epoch": epoch, "wall_train_s": loop.walls["teacher"]}
+        ev = evaluate(model, loaders, ctx, desc="eval", bar=bars)
+    metrics: dict[str, Any] = {
+        "kind": "teacher", "arch": spec.arch, "dataset": config["data"]["dataset"],
+        "num_classes": spec.num_classes, "image_size": loaders.image_size, "epochs": epochs,
+        "val_top1": ev["top1"], "val_images": ev["val_images"], "train_images": len(loaders.train_set),
+        "wall_train_s": loop.walls["teacher"], "device": str(ctx.device), "world_size": ctx.world,
+        "threads": torch.get_num_threads(), "finished": True,
+    }
+    if ctx.main:
+        metrics.update(_jpeg_reference(loaders, config))
+        save_checkpoint(out, model, spec, kind="teacher", config=config, metrics=metrics,
+                        train_state=loop.done_state(epochs))
+        log.info("teacher: val top-1 %.2f %% after %d epochs, %.1f s -> %s", ev["top1"], epochs,
+                 loop.walls["teacher"], out)
+    return metrics
+
+
+def _teacher_spec(config: dict[str, Any], loaders: Loaders) -> ModelSpec:
+    """The teacher's spec: the config's architecture, the dataset's classes and image size."""
+    mcfg = config["model"]
     num_classes = len(loaders.classes)
     if mcfg["num_classes"] is not None and mcfg["num_classes"] != num_classes:
         raise ConfigError(f"model.num_classes is {mcfg['num_classes']} but {config['data']['dataset']} "
@@ -448,72 +549,30 @@ def _train_teacher(config: dict[str, Any], out: Path, ctx: RunContext, resume: b
     if mcfg["tiny_widths"] is not None:
         spec.tiny_widths = tuple(mcfg["tiny_widths"])
     spec.validate()
-    loaders = loaders.with_batch_size(tcfg["batch_size"])
-    model = _to_device(TeacherClassifier(spec), ctx)
-    net = _ddp(model, ctx)
+    return spec
+
+
+def _teacher_stage(model: TeacherClassifier, loaders: Loaders, tcfg: dict[str, Any], loop: EpochLoop) -> Stage:
+    """Cross-entropy with label smoothing; ``train.eval_every`` adds the val top-1 to some epochs."""
+    net = _ddp(model, loop.ctx)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tcfg)
     spe = _steps_per_epoch(loaders, tcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(tcfg, spe))
-    aug_gen = torch.Generator().manual_seed(seed * 1000 + ctx.rank + 1)
-    gens = {"sampler": _sampler_generator(loaders), "augment": aug_gen}
-    start, wall, history = 0, 0.0, []
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        ts = ck["train_state"]
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        _set_rng_state(ts["rng"], gens)
-        start, wall, history = ts["epoch"], ts["wall_s"], list(ts["history"])
-        log.info("resuming %s at epoch %d/%d", out, start, tcfg["epochs"])
-    epochs = tcfg["epochs"]
-    stop = epochs if max_epochs is None else min(epochs, start + max_epochs)
-    with _Progress(ctx.progress) as bar:
-        for epoch in range(start, stop):
-            t0 = time.perf_counter()
-            loaders.set_epoch(epoch)
-            net.train()
-            task = bar.task(f"teacher {epoch + 1}/{epochs}", spe)
-            tot = [0.0, 0.0, 0.0]
-            for x, y in _iterate(loaders.train, spe):
-                x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
-                y = y.to(ctx.device)
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=tcfg["label_smoothing"])
-                lv = _classifier_step(loss, logits, y, opt, sched, model.parameters(), tcfg["grad_clip"], tot)
-                bar.advance(task, f"loss {lv:.3f}")
-            bar.done(task)
-            tot = _all_reduce(tot, ctx)
-            stats = {"loss": tot[0] / max(tot[2], 1), "train_top1": 100 * tot[1] / max(tot[2], 1),
-                     "lr": opt.param_groups[0]["lr"]}
-            wall += time.perf_counter() - t0
-            if tcfg["eval_every"] and (epoch + 1) % tcfg["eval_every"] == 0 and epoch + 1 < epochs:
-                stats["val_top1"] = evaluate(model, loaders, ctx, bar=bar)["top1"]
-            history.append({"epoch": epoch + 1, **stats})
-            if ctx.main:
-                log.info(_epoch_line("teacher", epoch + 1, epochs, stats, time.perf_counter() - t0))
-                state = {"stage": "teacher", "epoch": epoch + 1, "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": _rng_state(gens), "wall_s": wall,
-                         "history": history, "finished": False}
-                if epoch + 1 < epochs:
-                    save_checkpoint(out, model, spec, kind="teacher", config=config,
-                                    metrics={"epoch": epoch + 1}, train_state=state)
-        if stop < epochs:
-            return {"finished": False, "epoch": stop, "wall_train_s": wall}
-        ev = evaluate(model, loaders, ctx, desc="eval", bar=bar)
-    metrics: dict[str, Any] = {
-        "kind": "teacher", "arch": spec.arch, "dataset": config["data"]["dataset"],
-        "num_classes": num_classes, "image_size": loaders.image_size, "epochs": epochs,
-        "val_top1": ev["top1"], "val_images": ev["val_images"], "train_images": len(loaders.train_set),
-        "wall_train_s": wall, "device": str(ctx.device), "world_size": ctx.world,
-        "threads": torch.get_num_threads(), "finished": True,
-    }
-    if ctx.main:
-        metrics.update(_jpeg_reference(loaders, config))
-        save_checkpoint(out, model, spec, kind="teacher", config=config, metrics=metrics,
-                        train_state={"stage": "done", "epoch": epochs, "finished": True, "history": history,
-                                     "wall_s": wall})
-        log.info("teacher: val top-1 %.2f %% after %d epochs, %.1f s -> %s", ev["top1"], epochs, wall, out)
-    return metrics
+
+    def step(x: Tensor, y: Tensor, tot: list[float]) -> str:
+        logits = net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=tcfg["label_smoothing"])
+        return _classifier_step(loss, logits, y, opt, sched, model.parameters(), tcfg["grad_clip"], tot)
+
+    def validate(epoch: int) -> dict[str, float]:
+        every = tcfg["eval_every"]
+        if every and epoch % every == 0 and epoch < tcfg["epochs"]:
+            return {"val_top1": evaluate(model, loaders, loop.ctx, bar=loop.bars)["top1"]}
+        return {}
+
+    return Stage("teacher", "teacher", tcfg["epochs"], loaders, spe, 3, net.train, step,
+                 lambda tot: _classifier_stats(tot, opt), {"optimizer": opt, "scheduler": sched},
+                 validate=validate)
 
 
 def _sampler_generator(loaders: Loaders) -> torch.Generator:
@@ -660,184 +719,184 @@ def train_student(config: dict[str, Any], teacher_ckpt: str | os.PathLike | None
 
 def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: RunContext, resume: bool,
                    max_epochs: int | None) -> dict[str, Any]:
-    s1, s2, beta = config["stage1"], config["stage2"], config["student"]["beta"]
+    s1, s2 = config["stage1"], config["stage2"]
     ck = _check_resume(out, config, "student") if resume else None
     if ck is not None and ck["train_state"].get("finished"):
         log.info("%s is already finished; nothing to do", out)
         return dict(ck.get("metrics", {}))
+    teacher, student, loaders = _build_student(config, teacher_ckpt, ctx)
+    aug_gen = torch.Generator().manual_seed(config["seed"] * 1000 + ctx.rank + 1)
+    gens = {"sampler": _sampler_generator(loaders), "augment": aug_gen}
+
+    def write(state: dict[str, Any]) -> None:
+        save_checkpoint(out, student, student.spec, kind="student", config=config, metrics={}, train_state=state)
+
+    loop = EpochLoop(ctx, Bars(ctx.progress), gens, write, {"stage1": 0.0, "stage2": 0.0}, [],
+                     math.inf if max_epochs is None else max_epochs)
+    stage, epoch, ts, extra_metrics = "stage1", 0, {}, {}
+    if ck is not None:
+        student.load_state_dict(ck["model"])
+        ts = ck["train_state"]
+        stage, epoch, loop.walls, loop.history = ts["stage"], ts["epoch"], dict(ts["wall_s"]), list(ts["history"])
+        extra_metrics = dict(ts.get("extra_metrics", {}))
+        _set_rng_state(ts["rng"], gens)
+        log.info("resuming %s in %s at epoch %d", out, stage, epoch)
+    with loop.bars as bars:
+        if stage == "stage1":
+            train = _stage1(student, teacher, loaders.with_batch_size(s1["batch_size"]), config, loop)
+            train.restore(ts)
+            epoch = loop.run(train, epoch)
+            if epoch >= s1["epochs"]:
+                extra_metrics = _finish_stage1(student, train.loaders, s1, loop)
+                stage, epoch = "stage2", 0
+        if stage == "stage2" and loop.budget > 0:
+            train = _stage2(student, teacher, loaders.with_batch_size(s2["batch_size"]), config, loop)
+            train.extra_state["extra_metrics"] = extra_metrics
+            train.restore(ts)
+            epoch = loop.run(train, epoch)
+        if stage != "stage2" or epoch < s2["epochs"]:
+            return {"finished": False, "stage": stage, "epoch": epoch, "wall_stage1_s": loop.walls["stage1"],
+                    "wall_stage2_s": loop.walls["stage2"]}
+        for p in student.parameters():
+            p.requires_grad_(False)
+        student.bottleneck_layer.update(force=True)
+        ev = evaluate(student, train.loaders, ctx, teacher=teacher, desc="eval", bar=bars)
+    metrics = _student_metrics(config, student.spec, teacher_ckpt, train.loaders, ev, extra_metrics, loop)
+    if ctx.main:
+        metrics.update(_jpeg_reference(train.loaders, config))
+        save_checkpoint(out, student, student.spec, kind="student", config=config, metrics=metrics,
+                        train_state=loop.done_state(s2["epochs"]))
+        log.info("student (%s, β=%g): val top-1 %.2f %% (teacher %.2f %%), %.1f bytes/image estimated -> %s",
+                 student.spec.family, config["student"]["beta"], ev["top1"], ev["teacher_top1"],
+                 ev["est_bytes_per_image"], out)
+    return metrics
+
+
+def _build_student(config: dict[str, Any], teacher_ckpt: Path,
+                   ctx: RunContext) -> tuple[TeacherClassifier, SplitClassifier, Loaders]:
+    """Seed, load the frozen teacher, build the loaders and the student (its rest copied from the teacher)."""
     seed = config["seed"]
     _seed_all(seed)
     data_cfg = dict(config["data"])
     teacher = load_teacher(teacher_ckpt, config, config["model"]["num_classes"], data_cfg["image_size"])
     if data_cfg["image_size"] is None:
         data_cfg["image_size"] = teacher.spec.input_size
-    loaders = base_loaders = build_loaders(data_cfg, seed, ctx.rank, ctx.world, ctx.device.type == "cuda")
+    loaders = build_loaders(data_cfg, seed, ctx.rank, ctx.world, ctx.device.type == "cuda")
     if len(loaders.classes) != teacher.spec.num_classes:
         raise TrainError(f"the teacher has {teacher.spec.num_classes} classes, {data_cfg['dataset']} has "
                          f"{len(loaders.classes)}")
     if teacher.spec.class_names is None:
         teacher.spec.class_names = loaders.class_names
-    spec = student_spec(config, teacher.spec)
-    student = build_student(spec, teacher=teacher.net)
+    student = build_student(student_spec(config, teacher.spec), teacher=teacher.net)
     teacher = _to_device(teacher, ctx).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = _to_device(student, ctx)
-    stages = rest_stage_names(spec.arch) if s1["distill"] == "all" else []
-    aug_gen = torch.Generator().manual_seed(seed * 1000 + ctx.rank + 1)
-    gens = {"sampler": _sampler_generator(loaders), "augment": aug_gen}
+    return teacher, _to_device(student, ctx), loaders
 
-    stage, epoch, walls, history = "stage1", 0, {"stage1": 0.0, "stage2": 0.0}, []
-    ts: dict[str, Any] = {}
-    extra_metrics: dict[str, Any] = {}
-    if ck is not None:
-        student.load_state_dict(ck["model"])
-        ts = ck["train_state"]
-        stage, epoch, walls, history = ts["stage"], ts["epoch"], dict(ts["wall_s"]), list(ts["history"])
-        extra_metrics = dict(ts.get("extra_metrics", {}))
-        _set_rng_state(ts["rng"], gens)
-        log.info("resuming %s in %s at epoch %d", out, stage, epoch)
-    budget = math.inf if max_epochs is None else max_epochs
 
-    def save(state: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
-        if ctx.main:
-            save_checkpoint(out, student, spec, kind="student", config=config, metrics=metrics or {},
-                            train_state=state)
+def _stage1(student: SplitClassifier, teacher: TeacherClassifier, loaders: Loaders, config: dict[str, Any],
+            loop: EpochLoop) -> Stage:
+    """The bottleneck learns feature distillation + β·rate; the quantiles learn the auxiliary loss."""
+    s1, beta, ctx = config["stage1"], config["student"]["beta"], loop.ctx
+    stages = rest_stage_names(student.spec.arch) if s1["distill"] == "all" else []
+    params = _set_stage(student, "stage1")
+    bl = student.bottleneck_layer
+    quantiles = [p for n, p in bl.named_parameters() if n.endswith("quantiles")]
+    qnames = [f"student.bottleneck_layer.{n}" for n, _ in bl.named_parameters() if n.endswith("quantiles")]
+    net = _ddp(Stage1Net(student, stages), ctx, ignore=qnames)
+    opt = make_optimizer(params, s1)
+    aux_opt = torch.optim.Adam(quantiles, lr=s1["aux_lr"])
+    spe = _steps_per_epoch(loaders, s1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s1, spe))
 
-    with _Progress(ctx.progress) as bar:
-        # ---------------- stage 1: bottleneck, feature distillation + rate ----------------
-        if stage == "stage1":
-            params = _set_stage(student, "stage1")
-            bl = student.bottleneck_layer
-            quantiles = [p for n, p in bl.named_parameters() if n.endswith("quantiles")]
-            qnames = [f"student.bottleneck_layer.{n}" for n, _ in bl.named_parameters() if n.endswith("quantiles")]
-            net = _ddp(Stage1Net(student, stages), ctx, ignore=qnames)
-            loaders = base_loaders.with_batch_size(s1["batch_size"])
-            opt = make_optimizer(params, s1)
-            aux_opt = torch.optim.Adam(quantiles, lr=s1["aux_lr"])
-            spe = _steps_per_epoch(loaders, s1)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s1, spe))
-            if ck is not None and ts.get("optimizer") is not None:
-                opt.load_state_dict(ts["optimizer"])
-                aux_opt.load_state_dict(ts["aux_optimizer"])
-                sched.load_state_dict(ts["scheduler"])
-            while epoch < s1["epochs"] and budget > 0:
-                t0 = time.perf_counter()
-                loaders.set_epoch(epoch)
-                student.eval()  # the frozen rest keeps its BN statistics
-                bl.train()
-                task = bar.task(f"stage 1 {epoch + 1}/{s1['epochs']}", spe)
-                tot = [0.0, 0.0, 0.0, 0.0]
-                for x, _y in _iterate(loaders.train, spe):
-                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
-                    with torch.no_grad():
-                        h = teacher.split_features(x)
-                        targets = [h]
-                        for name in stages:
-                            h = _teacher_net_stage(teacher, name)(h)
-                            targets.append(h)
-                    feats, liks = net(x)
-                    mse = sum(F.mse_loss(f, t, reduction="sum") for f, t in zip(feats, targets))
-                    bits = total_bits(liks)
-                    loss = mse + beta * bits
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if s1["grad_clip"]:
-                        nn.utils.clip_grad_norm_(params, s1["grad_clip"])
-                    opt.step()
-                    sched.step()
-                    aux_opt.zero_grad(set_to_none=True)
-                    aux = bl.aux_loss()
-                    aux.backward()
-                    if ctx.distributed:
-                        for q in quantiles:
-                            dist.all_reduce(q.grad)
-                            q.grad /= ctx.world
-                    aux_opt.step()
-                    n = len(x)
-                    tot[0] += mse.item()
-                    tot[1] += bits.item()
-                    tot[2] += aux.item() * n
-                    tot[3] += n
-                    bar.advance(task, f"mse/img {mse.item() / n:.3g} bits/img {bits.item() / n:.0f}")
-                bar.done(task)
-                tot = _all_reduce(tot, ctx)
-                n = max(tot[3], 1.0)
-                stats = {"mse_per_image": tot[0] / n, "bits_per_image": tot[1] / n, "aux": tot[2] / n,
-                         "lr": opt.param_groups[0]["lr"]}
-                walls["stage1"] += time.perf_counter() - t0
-                epoch += 1
-                budget -= 1
-                history.append({"stage": "stage1", "epoch": epoch, **stats})
-                if ctx.main:
-                    log.info(_epoch_line("stage1", epoch, s1["epochs"], stats, time.perf_counter() - t0))
-                if epoch < s1["epochs"]:
-                    save({"stage": "stage1", "epoch": epoch, "optimizer": opt.state_dict(),
-                          "aux_optimizer": aux_opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rng": _rng_state(gens), "wall_s": walls, "history": history, "finished": False})
-            if epoch >= s1["epochs"]:
-                t0 = time.perf_counter()
-                bl.update(force=True, update_quantiles=s1["update_quantiles"])
-                ev1 = evaluate(student, loaders, ctx, desc="eval stage 1", bar=bar)
-                walls["stage1"] += time.perf_counter() - t0
-                extra_metrics = {"stage1_val_top1": ev1["top1"],
-                                 "stage1_est_bytes_per_image": ev1["est_bytes_per_image"]}
-                if ctx.main:
-                    log.info("stage1 done: val top-1 %.2f %%, %.1f bytes/image (estimated)", ev1["top1"],
-                             ev1["est_bytes_per_image"])
-                stage, epoch = "stage2", 0
-                save({"stage": "stage2", "epoch": 0, "optimizer": None, "rng": _rng_state(gens),
-                      "wall_s": walls, "history": history, "extra_metrics": extra_metrics, "finished": False})
+    def modes() -> None:
+        student.eval()  # the frozen rest keeps its BN statistics
+        bl.train()
 
-        # ---------------- stage 2: decoder + rest, knowledge distillation ----------------
-        if stage == "stage2" and budget > 0:
-            params = _set_stage(student, "stage2")
-            net = _ddp(Stage2Net(student), ctx)
-            loaders = base_loaders.with_batch_size(s2["batch_size"])
-            opt = make_optimizer(params, s2)
-            spe = _steps_per_epoch(loaders, s2)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s2, spe))
-            if ck is not None and ts.get("stage") == "stage2" and ts.get("optimizer") is not None:
-                opt.load_state_dict(ts["optimizer"])
-                sched.load_state_dict(ts["scheduler"])
-            while epoch < s2["epochs"] and budget > 0:
-                t0 = time.perf_counter()
-                loaders.set_epoch(s1["epochs"] + epoch)
-                student.train()
-                task = bar.task(f"stage 2 {epoch + 1}/{s2['epochs']}", spe)
-                tot = [0.0, 0.0, 0.0]
-                for x, y in _iterate(loaders.train, spe):
-                    x = prepare_batch(x, ctx.device, loaders.augment, aug_gen, ctx.channels_last)
-                    y = y.to(ctx.device)
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    logits = net(x)
-                    loss = kd_loss(logits, t_logits, y, s2["temperature"], s2["alpha"])
-                    lv = _classifier_step(loss, logits, y, opt, sched, params, s2["grad_clip"], tot)
-                    bar.advance(task, f"loss {lv:.3f}")
-                bar.done(task)
-                tot = _all_reduce(tot, ctx)
-                n = max(tot[2], 1.0)
-                stats = {"loss": tot[0] / n, "train_top1": 100 * tot[1] / n, "lr": opt.param_groups[0]["lr"]}
-                walls["stage2"] += time.perf_counter() - t0
-                epoch += 1
-                budget -= 1
-                history.append({"stage": "stage2", "epoch": epoch, **stats})
-                if ctx.main:
-                    log.info(_epoch_line("stage2", epoch, s2["epochs"], stats, time.perf_counter() - t0))
-                if epoch < s2["epochs"]:
-                    save({"stage": "stage2", "epoch": epoch, "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "rng": _rng_state(gens), "wall_s": walls,
-                          "history": history, "extra_metrics": extra_metrics, "finished": False})
-        if stage != "stage2" or epoch < s2["epochs"]:
-            return {"finished": False, "stage": stage, "epoch": epoch, "wall_stage1_s": walls["stage1"],
-                    "wall_stage2_s": walls["stage2"]}
-        for p in student.parameters():
-            p.requires_grad_(False)
-        student.bottleneck_layer.update(force=True)
-        ev = evaluate(student, loaders, ctx, teacher=teacher, desc="eval", bar=bar)
-    metrics: dict[str, Any] = {
-        "kind": "student", "arch": spec.arch, "family": spec.family, "beta": beta,
+    def step(x: Tensor, _y: Tensor, tot: list[float]) -> str:
+        targets = _teacher_targets(teacher, x, stages)
+        feats, liks = net(x)
+        mse = sum(F.mse_loss(f, t, reduction="sum") for f, t in zip(feats, targets))
+        bits = total_bits(liks)
+        _optimizer_step(mse + beta * bits, opt, sched, params, s1["grad_clip"])
+        aux_opt.zero_grad(set_to_none=True)
+        aux = bl.aux_loss()
+        aux.backward()
+        if ctx.distributed:
+            for q in quantiles:
+                dist.all_reduce(q.grad)
+                q.grad /= ctx.world
+        aux_opt.step()
+        n = len(x)
+        tot[0] += mse.item()
+        tot[1] += bits.item()
+        tot[2] += aux.item() * n
+        tot[3] += n
+        return f"mse/img {mse.item() / n:.3g} bits/img {bits.item() / n:.0f}"
+
+    def stats(tot: list[float]) -> dict[str, float]:
+        n = max(tot[3], 1.0)
+        return {"mse_per_image": tot[0] / n, "bits_per_image": tot[1] / n, "aux": tot[2] / n,
+                "lr": opt.param_groups[0]["lr"]}
+
+    return Stage("stage1", "stage 1", s1["epochs"], loaders, spe, 4, modes, step, stats,
+                 {"optimizer": opt, "aux_optimizer": aux_opt, "scheduler": sched})
+
+
+@torch.no_grad()
+def _teacher_targets(teacher: TeacherClassifier, x: Tensor, stages: list[str]) -> list[Tensor]:
+    """The teacher's split-point features and those of every later stage in ``stages``."""
+    h = teacher.split_features(x)
+    targets = [h]
+    for name in stages:
+        h = _teacher_net_stage(teacher, name)(h)
+        targets.append(h)
+    return targets
+
+
+def _finish_stage1(student: SplitClassifier, loaders: Loaders, s1: dict[str, Any],
+                   loop: EpochLoop) -> dict[str, Any]:
+    """Build the CDF tables, evaluate, checkpoint the start of stage 2; returns the stage-1 metrics."""
+    t0 = time.perf_counter()
+    student.bottleneck_layer.update(force=True, update_quantiles=s1["update_quantiles"])
+    ev1 = evaluate(student, loaders, loop.ctx, desc="eval stage 1", bar=loop.bars)
+    loop.walls["stage1"] += time.perf_counter() - t0
+    extra_metrics = {"stage1_val_top1": ev1["top1"], "stage1_est_bytes_per_image": ev1["est_bytes_per_image"]}
+    if loop.ctx.main:
+        log.info("stage1 done: val top-1 %.2f %%, %.1f bytes/image (estimated)", ev1["top1"],
+                 ev1["est_bytes_per_image"])
+        loop.write(loop.state("stage2", 0, {"optimizer": None}, {"extra_metrics": extra_metrics}))
+    return extra_metrics
+
+
+def _stage2(student: SplitClassifier, teacher: TeacherClassifier, loaders: Loaders, config: dict[str, Any],
+            loop: EpochLoop) -> Stage:
+    """The decoder and the rest learn knowledge distillation on rounded latents (encoder, entropy model frozen)."""
+    s2 = config["stage2"]
+    params = _set_stage(student, "stage2")
+    net = _ddp(Stage2Net(student), loop.ctx)
+    opt = make_optimizer(params, s2)
+    spe = _steps_per_epoch(loaders, s2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(s2, spe))
+
+    def step(x: Tensor, y: Tensor, tot: list[float]) -> str:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        logits = net(x)
+        loss = kd_loss(logits, t_logits, y, s2["temperature"], s2["alpha"])
+        return _classifier_step(loss, logits, y, opt, sched, params, s2["grad_clip"], tot)
+
+    return Stage("stage2", "stage 2", s2["epochs"], loaders, spe, 3, student.train, step,
+                 lambda tot: _classifier_stats(tot, opt), {"optimizer": opt, "scheduler": sched},
+                 epoch_offset=config["stage1"]["epochs"])
+
+
+def _student_metrics(config: dict[str, Any], spec: ModelSpec, teacher_ckpt: Path, loaders: Loaders,
+                     ev: dict[str, float], extra_metrics: dict[str, Any], loop: EpochLoop) -> dict[str, Any]:
+    """A finished student's metrics: final evaluation, stage-1 metrics, wall times, device."""
+    walls, ctx = loop.walls, loop.ctx
+    return {
+        "kind": "student", "arch": spec.arch, "family": spec.family, "beta": config["student"]["beta"],
         "dataset": config["data"]["dataset"], "num_classes": spec.num_classes, "image_size": loaders.image_size,
         "teacher_checkpoint": str(teacher_ckpt),
         "val_top1": ev["top1"], "student_val_top1": ev["top1"], "teacher_val_top1": ev["teacher_top1"],
@@ -845,16 +904,8 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
         "est_bits_per_image": ev["est_bits_per_image"], "est_bytes_per_image": ev["est_bytes_per_image"],
         "est_bpp": ev["est_bpp"], **{k: v for k, v in ev.items() if k.startswith("est_bits_")},
         **extra_metrics,
-        "stage1_epochs": s1["epochs"], "stage2_epochs": s2["epochs"],
+        "stage1_epochs": config["stage1"]["epochs"], "stage2_epochs": config["stage2"]["epochs"],
         "wall_stage1_s": walls["stage1"], "wall_stage2_s": walls["stage2"],
         "wall_train_s": walls["stage1"] + walls["stage2"],
         "device": str(ctx.device), "world_size": ctx.world, "threads": torch.get_num_threads(), "finished": True,
     }
-    if ctx.main:
-        metrics.update(_jpeg_reference(loaders, config))
-        save_checkpoint(out, student, spec, kind="student", config=config, metrics=metrics,
-                        train_state={"stage": "done", "epoch": s2["epochs"], "finished": True,
-                                     "history": history, "wall_s": walls})
-        log.info("student (%s, β=%g): val top-1 %.2f %% (teacher %.2f %%), %.1f bytes/image estimated -> %s",
-                 spec.family, beta, ev["top1"], ev["teacher_top1"], ev["est_bytes_per_image"], out)
-    return metrics
