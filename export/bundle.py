@@ -7,7 +7,6 @@ leaves a half-written bundle behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -16,7 +15,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,10 @@ from splitbits.runtime.bundle import (
     runtime_version,
     sha256_file,
 )
+from splitbits.runtime.datasets import load_arrays
 from splitbits.runtime.errors import VerificationError
+from splitbits.runtime.machine import package_versions
+from splitbits.runtime.report import write_json
 from splitbits.runtime.verify import GOLDEN, Tolerance, VerifyReport, verify_bundle
 from splitbits.trainer.models import ModelSpec, MSHPBottleneck, SplitClassifier
 
@@ -51,45 +52,26 @@ class ExportResult:
     seconds: float
 
 
-class _Head(nn.Module):
-    def __init__(self, m: SplitClassifier) -> None:
+class GraphModule(nn.Module):
+    """One graph of the bundle as a module of its own: the split model's ``run_head``, ``run_hyper``
+    or ``run_tail`` (what ``torch.onnx.export`` traces)."""
+
+    def __init__(self, m: SplitClassifier, graph: str) -> None:
         super().__init__()
-        self.m = m
+        self.m, self.graph = m, graph
 
     def forward(self, x: torch.Tensor):
-        return self.m.run_head(x)
-
-
-class _Hyper(nn.Module):
-    def __init__(self, m: SplitClassifier) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, z_hat: torch.Tensor):
-        return self.m.run_hyper(z_hat)
-
-
-class _Tail(nn.Module):
-    def __init__(self, m: SplitClassifier) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, y_hat: torch.Tensor):
-        return self.m.run_tail(y_hat)
+        return getattr(self.m, f"run_{self.graph}")(x)
 
 
 def _versions() -> dict[str, str]:
-    out = {"splitbits": runtime_version(), "python": platform.python_version()}
-    for pkg in ("torch", "compressai", "onnx", "onnxruntime", "numpy", "constriction", "numba"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
+    found = package_versions(("torch", "compressai", "onnx", "onnxruntime", "numpy", "constriction", "numba"))
+    return {"splitbits": runtime_version(), **{k: v for k, v in found.items() if v != "absent"}}
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, in_name: str,
-                 out_names: list[str], opset: int) -> None:
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, in_name: str,
+                out_names: list[str], opset: int) -> None:
+    """``module`` on ``example`` to ONNX at ``path`` (dynamic batch axis), checked by ``onnx.checker``."""
     dyn = {in_name: {0: "N"}, **{o: {0: "N"} for o in out_names}}
     module.eval()  # the exporter follows the wrapper's mode, not its children's
     with warnings.catch_warnings():  # the TorchScript exporter is the one that handles GDN here
@@ -105,10 +87,15 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, in_name: 
 
 def _tables(em) -> dict[str, np.ndarray]:
     return {
-        "cdf": em._quantized_cdf.cpu().numpy().astype(np.int32),
-        "cdf_length": em._cdf_length.cpu().numpy().astype(np.int32).reshape(-1),
-        "offset": em._offset.cpu().numpy().astype(np.int32).reshape(-1),
+        "cdf": em.quantized_cdf.cpu().numpy().astype(np.int32),
+        "cdf_length": em.cdf_length.cpu().numpy().astype(np.int32).reshape(-1),
+        "offset": em.offset.cpu().numpy().astype(np.int32).reshape(-1),
     }
+
+
+def _medians(eb) -> torch.Tensor:
+    """An ``EntropyBottleneck``'s per-channel medians (its middle quantiles), shaped [1, C, 1, 1]."""
+    return eb.quantiles[:, 0, 1].reshape(1, -1, 1, 1)
 
 
 def codec_arrays(model: SplitClassifier) -> dict[str, np.ndarray]:
@@ -118,7 +105,8 @@ def codec_arrays(model: SplitClassifier) -> dict[str, np.ndarray]:
     eb_prefix = "z" if isinstance(bl, MSHPBottleneck) else "y"
     for k, v in _tables(bl.entropy_bottleneck).items():
         arrays[f"{eb_prefix}_{k}"] = v
-    arrays[f"{eb_prefix}_medians"] = bl.entropy_bottleneck.quantiles[:, 0, 1].detach().cpu().numpy().astype(np.float32)
+    medians = _medians(bl.entropy_bottleneck).detach().cpu().numpy()
+    arrays[f"{eb_prefix}_medians"] = medians.astype(np.float32).reshape(-1)
     if isinstance(bl, MSHPBottleneck):
         gc = bl.gaussian_conditional
         for k, v in _tables(gc).items():
@@ -130,7 +118,7 @@ def codec_arrays(model: SplitClassifier) -> dict[str, np.ndarray]:
 
 def _ensure_tables(model: SplitClassifier) -> None:
     eb = model.bottleneck_layer.entropy_bottleneck
-    if eb._offset.numel() == 0:
+    if eb.offset.numel() == 0:
         log.info("checkpoint has no entropy tables yet: running compressai update()")
         model.update_entropy_tables(force=True)
 
@@ -144,8 +132,9 @@ def _golden(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None) ->
     g: dict[str, np.ndarray] = {"x": x, "y": lat[0].numpy()}
     if isinstance(bl, MSHPBottleneck):
         z = lat[1]
-        zsym = bl.entropy_bottleneck.quantize(z, "symbols", bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1))
-        z_hat = bl.entropy_bottleneck.dequantize(zsym, bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1))
+        zmed = _medians(bl.entropy_bottleneck)
+        zsym = bl.entropy_bottleneck.quantize(z, "symbols", zmed)
+        z_hat = bl.entropy_bottleneck.dequantize(zsym, zmed)
         scales, means = bl.hyper(z_hat)
         idx = bl.gaussian_conditional.build_indexes(scales)
         ysym = bl.gaussian_conditional.quantize(lat[0], "symbols", means)
@@ -153,7 +142,7 @@ def _golden(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None) ->
         g.update(z=z.numpy(), z_symbols=zsym.numpy().astype(np.int32), scales=scales.numpy(),
                  means=means.numpy(), idx=idx.numpy().astype(np.int32))
     else:
-        med = bl.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+        med = _medians(bl.entropy_bottleneck)
         ysym = bl.entropy_bottleneck.quantize(lat[0], "symbols", med)
         y_hat = bl.entropy_bottleneck.dequantize(ysym, med)
     g["y_symbols"] = ysym.numpy().astype(np.int32)
@@ -183,16 +172,6 @@ def _golden_packet_arrays(model: SplitClassifier, enc, results) -> dict[str, np.
     return g
 
 
-def _golden_images(dataset: str, spec: ModelSpec, count: int) -> tuple[np.ndarray, np.ndarray]:
-    from splitbits.runtime.datasets import open_dataset
-
-    ds = open_dataset(dataset, split="val", image_size=spec.input_size, limit=count)
-    if len(ds) == 0:
-        raise ValueError(f"dataset {dataset!r} is empty")
-    imgs, labels = zip(*(ds[i] for i in range(min(count, len(ds)))))
-    return np.stack(imgs), np.asarray(labels)
-
-
 def _file_entries(root: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for p in sorted(root.rglob("*")):
@@ -205,7 +184,87 @@ def _file_entries(root: Path) -> dict[str, dict[str, Any]]:
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     manifest["files"] = _file_entries(root)
     manifest["fingerprint"] = fingerprint_of(manifest["files"])
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(root / MANIFEST, manifest)
+
+
+def _export_graphs(model: SplitClassifier, x: np.ndarray, root: Path, opset: int) -> tuple[dict[str, Any], dict]:
+    """head/hyper/tail ONNX graphs into ``root``; their manifest entries and the latent shapes."""
+    s = model.spec.input_size
+    ex = torch.from_numpy(x[:1])
+    lat = model.run_head(ex)
+    names = list(model.bottleneck_layer.latent_names())
+    latents = {n: list(t.shape[1:]) for n, t in zip(names, lat)}
+    export_onnx(GraphModule(model, "head"), ex, root / "head.onnx", "x", names, opset)
+    graphs: dict[str, Any] = {"head": {"file": "head.onnx", "inputs": {"x": [3, s, s]}, "outputs": latents}}
+    y_shape = list(lat[0].shape[1:])
+    if model.spec.family == "mshp":
+        z = lat[1]
+        export_onnx(GraphModule(model, "hyper"), torch.round(z), root / "hyper.onnx", "z_hat", ["scales", "means"],
+                    opset)
+        graphs["hyper"] = {"file": "hyper.onnx", "inputs": {"z_hat": list(z.shape[1:])},
+                           "outputs": {"scales": y_shape, "means": y_shape}}
+    logits = model.run_tail(lat[0])
+    export_onnx(GraphModule(model, "tail"), lat[0], root / "tail.onnx", "y_hat", ["logits"], opset)
+    graphs["tail"] = {"file": "tail.onnx", "inputs": {"y_hat": y_shape}, "outputs": {"logits": list(logits.shape[1:])}}
+    return graphs, latents
+
+
+def _manifest(spec: ModelSpec, graphs: dict[str, Any], latents: dict[str, list[int]], opset: int,
+              source: str | None) -> dict[str, Any]:
+    s = spec.input_size
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": spec.family,
+        "model": spec.to_dict(),
+        "source": source,
+        "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW",
+                  "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "inside_head": True}},
+        "latents": latents,
+        "graphs": graphs,
+        "opset": opset,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "platform": {"machine": platform.machine(), "system": platform.system(), "python": sys.version.split()[0]},
+    }
+
+
+def _write_golden(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None, root: Path) -> dict[str, Any]:
+    """``golden/``: the torch/compressai reference, and the packets the runtime makes from the torch
+    latents; returns the manifest's ``golden`` entry."""
+    from splitbits.export.torch_backend import TorchBackend
+    from splitbits.runtime.pipeline import EdgeEncoder
+
+    g = _golden(model, x, labels)
+    enc = EdgeEncoder(load_bundle(root), TorchBackend(model))
+    results = [enc.analyze(x[i]) for i in range(x.shape[0])]
+    packets = [r.packet for r in results]
+    g.update(_golden_packet_arrays(model, enc, results))
+    g["packets"] = np.frombuffer(b"".join(packets), dtype=np.uint8)
+    g["packet_offsets"] = np.cumsum([0] + [len(p) for p in packets]).astype(np.int64)
+    np.savez_compressed(root / GOLDEN, **g)
+    return {"file": GOLDEN, "images": int(x.shape[0]), "coder": enc.coder.name,
+            "hyper": enc.hyper.name if enc.hyper is not None else None}
+
+
+def _assemble(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None, root: Path, opset: int,
+              tol: Tolerance | None, source: str | None) -> tuple[dict[str, Any], VerifyReport]:
+    """Every file of the bundle into ``root``, then its verification on ONNX Runtime (in the manifest)."""
+    graphs, latents = _export_graphs(model, x, root, opset)
+    codec = codec_arrays(model)
+    np.savez_compressed(root / CODEC, **codec)
+    if model.spec.family == "mshp":  # the deterministic integer hyper path (splitbits.runtime.hyper_int)
+        from splitbits.export.hyper_int import write_hyper_int
+
+        write_hyper_int(model, root, codec, tuple(latents["z"]))
+    manifest = _manifest(model.spec, graphs, latents, opset, source)
+    _write_manifest(root, manifest)
+    manifest["golden"] = _write_golden(model, x, labels, root)
+    _write_manifest(root, manifest)
+    report = verify_bundle(root, "onnxruntime", tol=tol, raise_on_fail=False)
+    manifest["verification"] = {"onnxruntime": report.to_dict()}
+    _write_manifest(root, manifest)
+    return manifest, report
 
 
 def export_bundle(
@@ -236,75 +295,17 @@ def export_bundle(
         raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
     model = model.eval().cpu().float()
     _ensure_tables(model)
-    spec = model.spec
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "golden").mkdir(parents=True)
     try:
         if images is None:
-            images, labels = _golden_images(dataset, spec, golden_count)
+            images, labels = load_arrays(dataset, "val", model.spec.input_size, golden_count)
         x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
-        s = spec.input_size
+        s = model.spec.input_size
         if x.shape[1:] != (3, s, s):
             raise ValueError(f"golden images must be {s}x{s}x3, got {images.shape[1:]}")
-        ex = torch.from_numpy(x[:1])
-        lat = model.run_head(ex)
-        names = list(model.bottleneck_layer.latent_names())
-        _export_onnx(_Head(model), ex, tmp / "head.onnx", "x", names, opset)
-        graphs: dict[str, Any] = {"head": {"file": "head.onnx", "inputs": {"x": [3, s, s]},
-                                           "outputs": {n: list(t.shape[1:]) for n, t in zip(names, lat)}}}
-        if spec.family == "mshp":
-            z = lat[1]
-            _export_onnx(_Hyper(model), torch.round(z), tmp / "hyper.onnx", "z_hat", ["scales", "means"], opset)
-            graphs["hyper"] = {"file": "hyper.onnx", "inputs": {"z_hat": list(z.shape[1:])},
-                               "outputs": {"scales": list(lat[0].shape[1:]), "means": list(lat[0].shape[1:])}}
-        logits = model.run_tail(lat[0])
-        _export_onnx(_Tail(model), lat[0], tmp / "tail.onnx", "y_hat", ["logits"], opset)
-        graphs["tail"] = {"file": "tail.onnx", "inputs": {"y_hat": list(lat[0].shape[1:])},
-                          "outputs": {"logits": list(logits.shape[1:])}}
-        codec = codec_arrays(model)
-        np.savez_compressed(tmp / CODEC, **codec)
-        if spec.family == "mshp":  # the deterministic integer hyper path (splitbits.runtime.hyper_int)
-            from splitbits.export.hyper_int import write_hyper_int
-
-            write_hyper_int(model, tmp, codec, tuple(lat[1].shape[1:]))
-
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "family": spec.family,
-            "model": spec.to_dict(),
-            "source": source,
-            "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW",
-                      "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "inside_head": True}},
-            "latents": {n: list(t.shape[1:]) for n, t in zip(names, lat)},
-            "graphs": graphs,
-            "opset": opset,
-            "versions": _versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "platform": {"machine": platform.machine(), "system": platform.system(), "python": sys.version.split()[0]},
-        }
-        _write_manifest(tmp, manifest)
-
-        # golden: torch/compressai reference + the packets the runtime makes from the torch latents
-        from splitbits.export.torch_backend import TorchBackend
-        from splitbits.runtime.pipeline import EdgeEncoder
-
-        g = _golden(model, x, labels)
-        enc = EdgeEncoder(load_bundle(tmp), TorchBackend(model))
-        results = [enc.analyze(x[i]) for i in range(x.shape[0])]
-        packets = [r.packet for r in results]
-        g.update(_golden_packet_arrays(model, enc, results))
-        g["packets"] = np.frombuffer(b"".join(packets), dtype=np.uint8)
-        g["packet_offsets"] = np.cumsum([0] + [len(p) for p in packets]).astype(np.int64)
-        np.savez_compressed(tmp / GOLDEN, **g)
-        manifest["golden"] = {"file": GOLDEN, "images": int(x.shape[0]), "coder": enc.coder.name,
-                              "hyper": enc.hyper.name if enc.hyper is not None else None}
-        _write_manifest(tmp, manifest)
-
-        report = verify_bundle(tmp, "onnxruntime", tol=tol, raise_on_fail=False)
-        manifest["verification"] = {"onnxruntime": report.to_dict()}
-        _write_manifest(tmp, manifest)
+        manifest, report = _assemble(model, x, labels, tmp, opset, tol, source)
         if not report.ok:
             raise VerificationError("export verification failed (ONNX Runtime vs torch): " + "; ".join(report.problems))
         if out.exists():

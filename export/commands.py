@@ -212,9 +212,38 @@ def add_bench_codec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench_codec(args: argparse.Namespace) -> int:
-    from splitbits.export.codec_bench import main
+    """The runtime's coders on bundle latents (torch-free), plus compressai's coders and the ResNet-50
+    sets where torch and compressai are installed (else a note says they were skipped)."""
+    with needs_extra("runtime"):
+        from splitbits.runtime.codec import bench
+    machine, blas_one = bench.start_machine()
+    coders, notes = bench.runtime_coders()
+    try:
+        from splitbits.export import codec_reference as ref
+    except ImportError as exc:  # a runtime-only install: no torch or compressai
+        ref = None
+        notes.append(f"compressai's coders and the ResNet-50 sets skipped: {exc.name or exc} is not installed "
+                     "(pip install 'splitbits[train]')")
+    torch_threads = ref.set_torch_threads(args.torch_threads) if ref else 0
+    if ref and not args.no_compressai:
+        coders.update(ref.compressai_coders())
+    sets = []
+    if ref and not args.no_resnet50:
+        images, _, source = bench.load_images(224, args.images, args.dataset)
+        sets += ref.resnet50_sets(images, source, args.hyper_repeats)
+    sets += [bench.bundle_set(path, args.bundle_images, args.accuracy_images, args.dataset, args.hyper_repeats)
+             for path in args.bundle]
+    if not sets:
+        why = "--no-resnet50" if ref else "the ResNet-50 sets need torch and compressai (the 'train' extra)"
+        raise CliError(f"nothing to bench: {why} and no --bundle PATH")
+    settings = bench.BenchSettings(
+        repeats=args.repeats, slow_repeats=args.slow_repeats, lanes=args.lanes, cold_start=not args.no_cold_start,
+        extra={"images": args.images, "bundle_images": args.bundle_images, "accuracy_images": args.accuracy_images,
+               "blas_threads_limited_to_1": blas_one, "torch_threads": torch_threads})
+    result = bench.run_codec_bench(sets, coders, settings, machine, notes)
+    bench.write_report(result, args.json, args.markdown)
+    return 0
 
-    return int(main(args) or 0)
 
 COMMANDS = {
     "export": Command(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from splitbits.runtime.hyper_int import (
     W_MAX,
     IntHyperParams,
 )
-from splitbits.runtime.quant import scale_indexes
+from splitbits.runtime.quant import dequantize, scale_indexes
 from splitbits.trainer.models import MSHPBottleneck
 
 HYPER_INT = "hyper_int.npz"
@@ -150,26 +151,38 @@ def hyper_int_arrays(bottleneck: MSHPBottleneck, z_shape: tuple[int, int, int], 
     return arrays, meta
 
 
+@dataclass
+class HyperComparison:
+    """The integer and the float hyper paths on the same ẑ symbols: per image ``idx`` and means of
+    each, and the largest relative error of the integer path's scales."""
+
+    idx_int: np.ndarray
+    means_int: np.ndarray
+    idx_float: np.ndarray
+    means_float: np.ndarray
+    max_rel_scale_error: float
+
+    @property
+    def idx_agreement(self) -> float:
+        """Fraction of scale indexes the two paths agree on."""
+        return float((self.idx_int == self.idx_float).mean())
+
+    @property
+    def max_abs_mean_error(self) -> float:
+        return float(np.abs(self.means_int - self.means_float).max())
+
+
 @torch.no_grad()
 def compare_with_float(params: IntHyperParams, bottleneck: MSHPBottleneck, z_symbols: np.ndarray,
-                       z_medians: np.ndarray, scale_table: np.ndarray, scale_bound: float) -> dict[str, float]:
-    """How close the integer path is to the float one on ``z_symbols`` [N, Cz, Hz, Wz]."""
-    med = np.asarray(z_medians, np.float32).reshape(1, -1, 1, 1)
-    z_hat = torch.from_numpy(z_symbols.astype(np.float32) + med)
-    scales, means = (t.numpy() for t in bottleneck.hyper(z_hat))
-    fidx = scale_indexes(scales, scale_table, scale_bound)
-    same_idx = 0
-    max_dmean = 0.0
-    max_rel_scale = 0.0
-    for i in range(z_symbols.shape[0]):
-        idx, mu = params.index_means(z_symbols[i])
-        same_idx += int((idx == fidx[i]).sum())
-        max_dmean = max(max_dmean, float(np.abs(mu - means[i]).max()))
-        s = params.scales(z_symbols[i])
-        ref = np.maximum(np.abs(scales[i]), 1e-3)
-        max_rel_scale = max(max_rel_scale, float((np.abs(s - scales[i]) / ref).max()))
-    return {"idx_agreement": same_idx / fidx.size, "max_abs_mean_error": max_dmean,
-            "max_rel_scale_error": max_rel_scale, "images": int(z_symbols.shape[0])}
+                       z_medians: np.ndarray, scale_table: np.ndarray, scale_bound: float) -> HyperComparison:
+    """The integer path (``params``) against the float one (``bottleneck.hyper``) on ``z_symbols`` [N, Cz, Hz, Wz]."""
+    z_hat = dequantize(z_symbols, np.asarray(z_medians, np.float32).reshape(1, -1, 1, 1))
+    scales, means = (t.numpy() for t in bottleneck.hyper(torch.from_numpy(z_hat)))
+    int_paths = [params.index_means(z) for z in z_symbols]
+    rel_scale = max(float((np.abs(params.scales(z) - s) / np.maximum(np.abs(s), 1e-3)).max())
+                    for z, s in zip(z_symbols, scales))
+    return HyperComparison(np.stack([i for i, _ in int_paths]), np.stack([m for _, m in int_paths]),
+                           scale_indexes(scales, scale_table, scale_bound), means, rel_scale)
 
 
 def write_hyper_int(model, root: Path, codec: dict[str, np.ndarray], z_shape: tuple[int, int, int]) -> Path:

@@ -81,11 +81,18 @@ class CodecParams:
 
     @classmethod
     def load(cls, path: Path, family: str) -> CodecParams:
+        """``codec.npz`` at ``path``, checked (a damaged or inconsistent file is a ``BundleError``)."""
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
         except Exception as exc:  # zipfile/ValueError/OSError on a damaged file
             raise BundleError(f"{path}: unreadable codec tables ({exc})") from exc
+        return cls.from_arrays(arrays, family, path)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], family: str, path: Path | str = CODEC) -> CodecParams:
+        """The ``codec.npz`` arrays (e.g. as the export builds them), checked; ``path`` names them in errors."""
+        path = Path(path)
 
         def need(key: str, scalar: bool = False) -> np.ndarray:
             if key not in arrays:

@@ -298,3 +298,71 @@ def test_report_command(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "a.json")]) == 0
     assert "| a | bench | dev |" in capsys.readouterr().out
     assert cli_main(["report", str(tmp_path / "nothing.json")]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# bench codec
+# --------------------------------------------------------------------------------------------
+
+CODEC_ARGS = ["--no-resnet50", "--bundle-images", "4", "--accuracy-images", "0", "--repeats", "2",
+              "--slow-repeats", "1", "--hyper-repeats", "1", "--no-cold-start"]
+
+
+def test_bench_codec_figures_targets_and_markdown(tiny_bundles, tmp_path, capsys):
+    """compressai's coders (tables loaded through compressai's buffers) round-trip the bundle's symbols
+    like the runtime's; the JSON keys the README cites and the Markdown table are there."""
+    pytest.importorskip("compressai")
+    out, md = tmp_path / "codec.json", tmp_path / "md" / "codec.md"
+    rc = cli_main(["bench", "codec", *CODEC_ARGS, "--bundle", str(tiny_bundles["mshp"]), "--lanes", "0", "1",
+                   "--json", str(out), "--markdown", str(md)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    ((name, s),) = r["sets"].items()
+    assert name == "tiny_mshp_64:mshp" and list(s["sections"]) == ["z", "y"]
+    assert sum(s["sections"].values()) == s["symbols_per_image"] and s["images"] == 4
+    assert set(s["coders"]) == {"numba", "numba_batch", "numba_lanes2", "constriction", "compressai",
+                                "compressai_core"}
+    assert all(c["roundtrip_ok"] for c in s["coders"].values())
+    assert s["coders"]["compressai"]["bytes_per_image"] == s["coders"]["compressai_core"]["bytes_per_image"]
+    assert s["speed_judged_on"] == "batched" and s["symbols_per_image"] < 16384
+    assert set(s["ratios_batched_encode_plus_decode"]) == {"numba_batch_vs_compressai",
+                                                           "numba_batch_vs_compressai_core",
+                                                           "numba_batch_vs_constriction"}
+    assert s["targets"]["lossless (every coder)"] and s["targets"]["numba bytes <= ideal + 0.1% + 16 B (every image)"]
+    h = s["int_hyper"]
+    assert h["idx_agreement"] > 0.99 and "bytes_int_vs_float_pct" in h and "top1_int_minus_float_points" in h
+    assert r["all_targets_met"] == all(s["targets"].values())
+    assert md.read_text().strip() == r["markdown"]
+    assert "| tiny_mshp_64:mshp | 2828 |" in r["markdown"] and "| MSHP set |" in r["markdown"]
+    assert "targets not met" in capsys.readouterr().out
+
+
+NO_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "compressai", "torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from splitbits.runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_bench_codec_without_torch_runs_the_runtime_coders_and_says_compressai_was_skipped(tiny_bundles, tmp_path):
+    import subprocess
+
+    out = tmp_path / "codec.json"
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, "bench", "codec", *CODEC_ARGS, "--lanes", "0",
+                          "--bundle", str(tiny_bundles["fp"]), "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    (s,) = r["sets"].values()
+    assert set(s["coders"]) == {"numba", "numba_batch", "constriction"}
+    assert all(c["roundtrip_ok"] for c in s["coders"].values())
+    assert any("compressai" in n and "skipped" in n for n in r["notes"])
+    assert "skipped" in res.stdout and "torch" in res.stdout
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, "bench", "codec", "--no-cold-start"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "nothing to bench" in res.stderr and "--bundle" in res.stderr

@@ -201,8 +201,8 @@ def test_int_path_is_close_to_the_float_path(stressed_model, stressed_bundle):
     c = b.codec
     rep = compare_with_float(make_hyper(b, None, "int").params, stressed_model.bottleneck_layer, z, c.z_medians,
                              c.scale_table, c.scale_bound)
-    assert rep["idx_agreement"] > 0.995
-    assert rep["max_abs_mean_error"] < 1e-3
+    assert rep.idx_agreement > 0.995
+    assert rep.max_abs_mean_error < 1e-3
 
 
 def test_packets_flag_the_path_and_both_paths_decode(stressed_bundle):
