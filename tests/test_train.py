@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ def student_config(family: str, **stage: Any) -> dict[str, Any]:
             "student": {"beta": 0.32},
             "stage1": {"epochs": 1, "schedule": "cosine", **stage},
             "stage2": {"epochs": 2, "schedule": "cosine", "lr": 0.01, **stage}}
+
+
+def _epoch_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The "<stage> epoch N/M" starts of the per-epoch log lines captured so far."""
+    return [m.group(0) for r in caplog.records if (m := re.match(r"\w+ epoch \d+/\d+", r.getMessage()))]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +137,7 @@ def test_kd_loss_matches_torchdistill_definition() -> None:
 # -- teacher --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_contents(teacher_ckpt: Path) -> None:
     ck = read_checkpoint(teacher_ckpt)
     assert ck["format"] == "splitbits-ckpt" and ck["kind"] == "teacher"
@@ -146,15 +154,20 @@ def test_teacher_checkpoint_contents(teacher_ckpt: Path) -> None:
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 12)
 
 
-def test_teacher_resume_continues_and_matches_an_uninterrupted_run(tmp_path: Path, teacher_ckpt: Path) -> None:
+@pytest.mark.slow
+def test_teacher_resume_continues_and_matches_an_uninterrupted_run(tmp_path: Path, teacher_ckpt: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "t.pt"
     partial = train_teacher(teacher_config(), out, device="cpu", progress=False, max_epochs=1)
     assert partial["finished"] is False
     ck = read_checkpoint(out)
     assert ck["train_state"]["epoch"] == 1 and not ck["train_state"]["finished"]
     assert "optimizer" in ck["train_state"]
-    final = train_teacher(teacher_config(), out, device="cpu", progress=False, resume=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="splitbits.trainer"):
+        final = train_teacher(teacher_config(), out, device="cpu", progress=False, resume=True)
     assert final["finished"]
+    assert _epoch_lines(caplog) == ["teacher epoch 2/2"]  # continued: epoch 1 was not trained again
     a, b = read_checkpoint(out)["model"], read_checkpoint(teacher_ckpt)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     # a finished run resumes to its stored metrics without training
@@ -178,8 +191,10 @@ def _frozen_state(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.T
     return {k: v for k, v in sd.items() if k.startswith(prefixes)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mshp", "fp"])
-def test_student_two_stages(tmp_path: Path, teacher_ckpt: Path, family: str) -> None:
+def test_student_two_stages(tmp_path: Path, teacher_ckpt: Path, family: str,
+                            caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / f"{family}.pt"
     cfg = student_config(family)
     # stop right after stage 1: the checkpoint is the stage-1 model, ready for stage 2
@@ -191,7 +206,10 @@ def test_student_two_stages(tmp_path: Path, teacher_ckpt: Path, family: str) -> 
     teacher_sd = read_checkpoint(teacher_ckpt)["model"]
     assert torch.equal(after_stage1["layer2.conv1.weight"], teacher_sd["net.layer2.conv1.weight"])  # rest frozen
 
-    metrics = train_student(cfg, teacher_ckpt, out, device="cpu", progress=False, resume=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="splitbits.trainer"):
+        metrics = train_student(cfg, teacher_ckpt, out, device="cpu", progress=False, resume=True)
+    assert _epoch_lines(caplog) == ["stage2 epoch 1/2", "stage2 epoch 2/2"]  # stage 1 was not trained again
     assert metrics["finished"] and metrics["family"] == family and metrics["beta"] == 0.32
     for key in ("student_val_top1", "teacher_val_top1", "est_bits_per_image", "est_bytes_per_image",
                 "wall_stage1_s", "wall_stage2_s", "stage1_val_top1", "jpeg75_bytes_per_image"):
@@ -223,6 +241,7 @@ def test_student_two_stages(tmp_path: Path, teacher_ckpt: Path, family: str) -> 
     assert torch.allclose(logits, model(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_student_errors(tmp_path: Path, teacher_ckpt: Path) -> None:
     cfg = student_config("mshp")
     with pytest.raises(ConfigError, match="needs a teacher checkpoint"):
@@ -267,6 +286,7 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "beta: 1.28" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "cfg.yaml"
     import yaml

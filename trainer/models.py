@@ -107,6 +107,16 @@ class SplitBottleneck(CompressionModel):
         return super().load_state_dict(state_dict, strict=strict)
 
 
+def _channel_sizes(num_input: int, num_bottleneck: int, num_target: int, analysis: list[int] | None,
+                   synthesis: list[int] | None) -> tuple[list[int], list[int]]:
+    """sc2bench's default analysis and synthesis channel sizes, where none are given."""
+    if analysis is None:
+        analysis = [num_input, num_bottleneck * 4, num_bottleneck * 2, num_bottleneck]
+    if synthesis is None:
+        synthesis = [analysis[-1], num_target * 2, num_target, num_target]
+    return analysis, synthesis
+
+
 class FPBottleneck(SplitBottleneck):
     """Factorized-prior bottleneck (sc2bench ``FPBasedResNetBottleneck``; ``conv_bias`` adds conv biases)."""
 
@@ -122,15 +132,9 @@ class FPBottleneck(SplitBottleneck):
         conv_bias: bool = False,
     ) -> None:
         super().__init__()
-        if encoder_channel_sizes is None:
-            encoder_channel_sizes = [
-                num_input_channels, num_bottleneck_channels * 4, num_bottleneck_channels * 2,
-                num_bottleneck_channels,
-            ]
-        if decoder_channel_sizes is None:
-            decoder_channel_sizes = [
-                encoder_channel_sizes[-1], num_target_channels * 2, num_target_channels, num_target_channels
-            ]
+        encoder_channel_sizes, decoder_channel_sizes = _channel_sizes(
+            num_input_channels, num_bottleneck_channels, num_target_channels, encoder_channel_sizes,
+            decoder_channel_sizes)
         self.entropy_bottleneck = EntropyBottleneck(encoder_channel_sizes[-1])
         self.encoder = _analysis(encoder_channel_sizes, conv_bias)
         self.decoder = _synthesis(decoder_channel_sizes, conv_bias)
@@ -167,17 +171,10 @@ class MSHPBottleneck(SplitBottleneck):
         conv_bias: bool = False,
     ) -> None:
         super().__init__()
-        if g_a_channel_sizes is None:
-            g_a_channel_sizes = [
-                num_input_channels, num_bottleneck_channels * 4, num_bottleneck_channels * 2,
-                num_bottleneck_channels,
-            ]
-        else:
+        if g_a_channel_sizes is not None:
             num_bottleneck_channels = g_a_channel_sizes[3]
-        if g_s_channel_sizes is None:
-            g_s_channel_sizes = [
-                g_a_channel_sizes[-1], num_target_channels * 2, num_target_channels, num_target_channels
-            ]
+        g_a_channel_sizes, g_s_channel_sizes = _channel_sizes(
+            num_input_channels, num_bottleneck_channels, num_target_channels, g_a_channel_sizes, g_s_channel_sizes)
         nl, nb = num_latent_channels, num_bottleneck_channels
         self.entropy_bottleneck = EntropyBottleneck(nl)
         self.g_a = _analysis(g_a_channel_sizes, conv_bias)
