@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from splitbits.runtime.cli import CliError, Command, needs_extra
+from splitbits.runtime.cli import CliError, Command, existing_file, needs_extra, output_file, positive_int
 
 DESCRIPTION = """\
 Train a teacher classifier or a split Entropic Student from a YAML config.
@@ -44,15 +42,16 @@ Examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("config", help="builtin config name (e.g. tiny_mshp) or a YAML file")
-    p.add_argument("--out", metavar="CKPT", help="checkpoint to write (required unless --print-config)")
-    p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (students only)")
+    p.add_argument("--out", type=output_file, metavar="CKPT",
+                   help="checkpoint to write (required unless --print-config)")
+    p.add_argument("--teacher", type=existing_file, metavar="CKPT", help="teacher checkpoint (students only)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config key, e.g. student.beta=0.32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="training device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", metavar="FILE", help="also write the final metrics as JSON")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=output_file, metavar="FILE", help="also write the final metrics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--print-config", action="store_true",
                    help="print the complete, validated config (after --set) and exit")
@@ -127,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out} exists and is not a file")
     if config["kind"] == "teacher" and args.teacher:
         raise CliError("--teacher is only for student configs (this config is kind: teacher)")
-    if args.threads is not None and args.threads < 1:
-        raise CliError("--threads must be at least 1")
     with needs_extra("train"):
         from splitbits.trainer.train import TrainError, train_student, train_teacher
     from splitbits.runtime.datasets import DatasetError
@@ -148,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if dist_env()[0] != 0:
         return 0
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        from splitbits.runtime.report import write_json
+
+        write_json(args.json, metrics)
     _print_summary(metrics, args.out)
     return 0
 
