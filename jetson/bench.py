@@ -1,47 +1,36 @@
-"""``splitbits bench BUNDLE``: the on-device benchmark runner (and, on a desktop, its emulation).
-
-For each image: preprocess → head → quantise (→ hyper on the edge for MSHP) → entropy-encode →
-packet, then the modelled transmit time at ``--link-mbps``, then server-side parse/decode (→ hyper)
-→ tail, all in this process on the chosen backend. Reports per-stage latency (mean, p50/p90/p99
-after ``--warmup`` images), throughput, bytes per image (``len()`` of the real packet, with the
-likelihood estimate beside it), top-1 accuracy, peak memory, and on a Jetson the power mode,
-clocks and energy per image from tegrastats sampled during the timed loop.
-
-Before measuring it verifies the backend against the bundle's ``golden/`` (tolerances per
-precision); a bundle that fails is refused: no numbers are reported, the JSON (if asked) holds
-only the verification, and the exit status is 3.
-
-Desktop emulation (what CI runs)::
-
-    splitbits bench runs/demo/bundle --backend onnxruntime --limit 64 --json results/desktop.json
-
-On a Jetson::
-
-    splitbits bench runs/demo/bundle --backend tensorrt --precision fp16 --limit 500 \\
-        --json results/orin-fp16.json
+"""The on-device benchmark runner of ``splitbits bench BUNDLE`` (and, on a desktop, its emulation):
+:func:`run_bench` verifies a backend against the bundle's ``golden/`` and, where it passes, measures
+per-stage latency, bytes, accuracy, memory and power over an input set; ``splitbits.jetson.commands``
+says what each figure means (``BENCH_BUNDLE_DESCRIPTION``).
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splitbits.runtime.backends import get_backend
-from splitbits.runtime.cli import CliError, backend_options
+from splitbits.runtime.link import transmit_seconds
+from splitbits.runtime.report import summary
+
+if TYPE_CHECKING:
+    from splitbits.runtime.backends.base import Backend
+    from splitbits.runtime.bundle import Bundle
+    from splitbits.runtime.inputs import InputSet
+    from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 
 SCHEMA = "splitbits.bench/1"
-EXIT_REFUSED = 3
 STAGES = ("edge.preprocess", "edge.head", "edge.quantize", "edge.hyper", "edge.encode", "link.transmit",
           "server.decode", "server.hyper", "server.tail")
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process' resident memory now (MB)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -54,28 +43,120 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """Everything ``main`` does, returning (result dict, exit status)."""
+@dataclass
+class BenchOptions:
+    """How :func:`run_bench` measures (the options of ``splitbits bench BUNDLE``)."""
+
+    coder: str | None = None
+    atol: float | None = None  # verification tolerances (None: per backend/precision)
+    rtol: float | None = None
+    warmup: int = 5  # untimed images first
+    repeat: int = 1  # passes over the inputs
+    link_mbps: float = 10.0  # link rate of the modelled transmit stage
+    power: str = "auto"  # tegrastats: "auto" (where it exists), "on", "off"
+    tegrastats_interval_ms: int = 100
+    save_inputs: str | None = None  # also write the inputs measured here (after verification)
+    progress: bool = True
+    rss_start_mb: float | None = None  # the caller's RSS before loading anything (None: at the start)
+
+
+@dataclass
+class _Loop:
+    """What the timed loop measured: per-stage and total ms per image, and per input (first pass)
+    the packet bytes, the ideal bytes and top-1."""
+
+    stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    totals: dict[str, list[float]] = field(
+        default_factory=lambda: {"edge_total": [], "server_total": [], "end_to_end": []})
+    sizes: list[int] = field(default_factory=list)
+    ideal: list[float] = field(default_factory=list)
+    correct: int = 0
+    labelled: int = 0
+    t_edge: float = 0.0
+    t_server: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 0.0
+
+
+def _stage_ms(e: dict[str, float], s: dict[str, float], tx: float) -> dict[str, float]:
+    """The encoder's (``e``) and decoder's (``s``) timings as the report's stages."""
+    return {
+        "edge.preprocess": e.get("preprocess", 0.0), "edge.head": e.get("head", 0.0),
+        "edge.quantize": e.get("quantize", 0.0), "edge.hyper": e.get("hyper", 0.0),
+        "edge.encode": e.get("encode", 0.0) + e.get("packet", 0.0), "link.transmit": tx,
+        "server.decode": s.get("parse", 0.0) + s.get("decode", 0.0),
+        "server.hyper": s.get("hyper", 0.0), "server.tail": s.get("tail", 0.0),
+    }
+
+
+def _timed_loop(enc: EdgeEncoder, dec: ServerDecoder, inputs: InputSet, opts: BenchOptions) -> _Loop:
+    """Every input ``opts.repeat`` times: edge encode, modelled transmit, server decode, each timed."""
+    from splitbits.runtime.progress import progress_bar
+
+    loop = _Loop()
+    with progress_bar(len(inputs) * opts.repeat, "bench", disabled=not opts.progress) as bar:
+        loop.t_start = time.monotonic()
+        for r in range(opts.repeat):
+            for k in range(len(inputs)):
+                t0 = time.perf_counter()
+                res = enc.analyze(inputs.images[k])
+                t1 = time.perf_counter()
+                dres = dec.decode_full(res.packet)
+                t2 = time.perf_counter()
+                tx = transmit_seconds(len(res.packet), opts.link_mbps) * 1e3
+                for key, v in _stage_ms(res.timings_ms, dres.timings_ms, tx).items():
+                    loop.stages[key].append(v)
+                loop.totals["edge_total"].append((t1 - t0) * 1e3)
+                loop.totals["server_total"].append((t2 - t1) * 1e3)
+                loop.totals["end_to_end"].append((t2 - t0) * 1e3 + tx)
+                loop.t_edge += t1 - t0
+                loop.t_server += t2 - t1
+                if r == 0:
+                    loop.sizes.append(res.bytes)
+                    loop.ideal.append(sum(res.ideal_bits.values()) / 8)
+                    label = int(inputs.labels[k])
+                    if label >= 0:
+                        loop.labelled += 1
+                        loop.correct += int(int(np.argmax(dres.logits)) == label)
+                bar.advance()
+        loop.t_end = time.monotonic()
+    return loop
+
+
+def _figures(bundle: Bundle, loop: _Loop, opts: BenchOptions, n: int) -> dict[str, Any]:
+    """The result's measurement keys (latency, throughput, bytes, link, accuracy) from ``loop``."""
+    if bundle.family == "fp":
+        for key in ("edge.hyper", "server.hyper"):
+            loop.stages.pop(key)
+    wall = loop.t_end - loop.t_start
+    _, h, w = bundle.input_shape
+    mean_bytes = float(np.mean(loop.sizes))
+    return {
+        "latency_ms": {k: summary(v) for k, v in (loop.stages | loop.totals).items()},
+        "throughput": {
+            "edge_images_per_s": n / loop.t_edge if loop.t_edge else None,
+            "server_images_per_s": n / loop.t_server if loop.t_server else None,
+            "end_to_end_images_per_s": n / wall if wall else None,
+            "wall_s": wall,
+        },
+        "bytes": {"packet": summary(loop.sizes), "ideal": summary(loop.ideal),
+                  "bits_per_pixel": mean_bytes * 8 / (h * w)},
+        "link": {"mbps": opts.link_mbps,
+                 "model_ms": {f"{m:g}": transmit_seconds(round(mean_bytes), m) * 1e3 for m in (1.0, 10.0, 100.0)}},
+        "accuracy": {"top1": loop.correct / loop.labelled if loop.labelled else None, "labelled": loop.labelled},
+    }
+
+
+def run_bench(bundle: Bundle, backend: Backend, inputs: InputSet, opts: BenchOptions) -> dict[str, Any]:
+    """Verify ``backend`` against the bundle's golden/, then measure ``inputs`` (see the module doc).
+    ``result["status"]`` is ``"refused"`` (only the verification, no numbers) or ``"ok"``."""
     from splitbits.jetson.device import device_info
     from splitbits.jetson.tegrastats import TegraStatsSampler, energy_summary
-    from splitbits.runtime.bundle import load_bundle
-    from splitbits.runtime.inputs import inputs_from_args, save_inputs
-    from splitbits.runtime.link import transmit_seconds
+    from splitbits.runtime.inputs import save_inputs
     from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
-    from splitbits.runtime.progress import progress_bar
-    from splitbits.runtime.report import summary
     from splitbits.runtime.verify import verify_backend
 
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be at least 1")
-    if args.warmup < 0 or args.repeat < 1 or args.link_mbps <= 0:
-        raise CliError("--warmup ≥ 0, --repeat ≥ 1 and --link-mbps > 0 please")
-    if args.power == "on" and not TegraStatsSampler.available():
-        raise CliError("--power on needs tegrastats (a Jetson), which is not on PATH here; use --power auto/off")
-    rss0 = _rss_mb()
-    bundle = load_bundle(args.bundle)
-    inputs = inputs_from_args(bundle.input_shape, args)  # bad inputs fail before any model work
-    be = get_backend(args.backend, bundle=bundle, **backend_options(args))
+    rss0 = rss_mb() if opts.rss_start_mb is None else opts.rss_start_mb
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -84,123 +165,46 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                    "arch": bundle.manifest.get("model", {}).get("arch"), "input_shape": list(bundle.input_shape)},
         "device": device_info(),
     }
-
     # 1. verification first: no numbers from a bundle that fails it
-    enc = EdgeEncoder(bundle, be, coder=args.coder)
-    dec = ServerDecoder(bundle, be)
-    rep = verify_backend(bundle, be, coder=args.coder, atol=args.atol, rtol=args.rtol)
-    result["backend"] = be.describe()
-    result["coder"] = enc.coder.name
-    result["verification"] = rep.to_dict()
+    enc = EdgeEncoder(bundle, backend, coder=opts.coder)
+    dec = ServerDecoder(bundle, backend)
+    rep = verify_backend(bundle, backend, coder=opts.coder, atol=opts.atol, rtol=opts.rtol)
+    result.update(backend=backend.describe(), coder=enc.coder.name, verification=rep.to_dict())
     if not rep.ok:
-        result["status"] = "refused"
-        result["reason"] = "golden verification failed: " + "; ".join(rep.problems)
-        return result, EXIT_REFUSED
-
-    # 2. inputs (read above)
-    if args.save_inputs:
-        save_inputs(args.save_inputs, inputs)
+        result.update(status="refused", reason="golden verification failed: " + "; ".join(rep.problems))
+        return result
+    # 2. inputs (read by the caller, before any model work)
+    if opts.save_inputs:
+        save_inputs(opts.save_inputs, inputs)
     result["inputs"] = {"name": inputs.name, "count": len(inputs), **inputs.meta}
-
     # 3. warm-up (untimed)
     enc.warmup()
     dec.warmup()
-    for k in range(min(args.warmup, len(inputs))):
+    for k in range(min(opts.warmup, len(inputs))):
         dec.decode_full(enc.analyze(inputs.images[k]).packet)
-
     # 4. timed loop, tegrastats sampling around it
-    power_wanted = args.power == "on" or (args.power == "auto" and TegraStatsSampler.available())
-    sampler = TegraStatsSampler(args.tegrastats_interval_ms).start() if power_wanted else None
-    stages: dict[str, list[float]] = {s: [] for s in STAGES}
-    totals: dict[str, list[float]] = {"edge_total": [], "server_total": [], "end_to_end": []}
-    sizes: list[int] = []
-    ideal: list[float] = []
-    correct = labelled = 0
-    n = len(inputs) * args.repeat
-    t_edge = t_server = 0.0
+    power_wanted = opts.power == "on" or (opts.power == "auto" and TegraStatsSampler.available())
+    sampler = TegraStatsSampler(opts.tegrastats_interval_ms).start() if power_wanted else None
     try:
-        with progress_bar(n, "bench", disabled=args.no_progress) as bar:
-            t_start = time.monotonic()
-            for r in range(args.repeat):
-                for k in range(len(inputs)):
-                    t0 = time.perf_counter()
-                    res = enc.analyze(inputs.images[k])
-                    t1 = time.perf_counter()
-                    dres = dec.decode_full(res.packet)
-                    t2 = time.perf_counter()
-                    e, s = res.timings_ms, dres.timings_ms
-                    tx = transmit_seconds(len(res.packet), args.link_mbps) * 1e3
-                    vals = {
-                        "edge.preprocess": e.get("preprocess", 0.0), "edge.head": e.get("head", 0.0),
-                        "edge.quantize": e.get("quantize", 0.0), "edge.hyper": e.get("hyper", 0.0),
-                        "edge.encode": e.get("encode", 0.0) + e.get("packet", 0.0), "link.transmit": tx,
-                        "server.decode": s.get("parse", 0.0) + s.get("decode", 0.0),
-                        "server.hyper": s.get("hyper", 0.0), "server.tail": s.get("tail", 0.0),
-                    }
-                    for key, v in vals.items():
-                        stages[key].append(v)
-                    totals["edge_total"].append((t1 - t0) * 1e3)
-                    totals["server_total"].append((t2 - t1) * 1e3)
-                    totals["end_to_end"].append((t2 - t0) * 1e3 + tx)
-                    t_edge += t1 - t0
-                    t_server += t2 - t1
-                    if r == 0:
-                        sizes.append(res.bytes)
-                        ideal.append(sum(res.ideal_bits.values()) / 8)
-                        label = int(inputs.labels[k])
-                        if label >= 0:
-                            labelled += 1
-                            correct += int(int(np.argmax(dres.logits)) == label)
-                    bar.advance()
-            t_end = time.monotonic()
+        loop = _timed_loop(enc, dec, inputs, opts)
     finally:
         samples = sampler.stop() if sampler is not None else []
-
-    if bundle.family == "fp":
-        for key in ("edge.hyper", "server.hyper"):
-            stages.pop(key)
-    wall = t_end - t_start
-    _, h, w = bundle.input_shape
-    result.update({
-        "status": "ok",
-        "warmup": args.warmup,
-        "repeat": args.repeat,
-        "images": n,
-        "latency_ms": {**{k: summary(v) for k, v in stages.items()}, **{k: summary(v) for k, v in totals.items()}},
-        "throughput": {
-            "edge_images_per_s": n / t_edge if t_edge else None,
-            "server_images_per_s": n / t_server if t_server else None,
-            "end_to_end_images_per_s": n / wall if wall else None,
-            "wall_s": wall,
-        },
-        "bytes": {"packet": summary(sizes), "ideal": summary(ideal),
-                  "bits_per_pixel": float(np.mean(sizes)) * 8 / (h * w)},
-        "link": {"mbps": args.link_mbps,
-                 "model_ms": {f"{m:g}": transmit_seconds(round(float(np.mean(sizes))), m) * 1e3
-                              for m in (1.0, 10.0, 100.0)}},
-        "accuracy": {"top1": correct / labelled if labelled else None, "labelled": labelled},
-        "memory": {"rss_start_mb": rss0, "rss_end_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb()},
-    })
+    n = len(inputs) * opts.repeat
+    result.update(status="ok", warmup=opts.warmup, repeat=opts.repeat, images=n, **_figures(bundle, loop, opts, n),
+                  memory={"rss_start_mb": rss0, "rss_end_mb": rss_mb(), "peak_rss_mb": _peak_rss_mb()})
     if sampler is not None:
-        result["power"] = energy_summary(samples, t_start, t_end, n)
-        jet = result["device"].get("jetson") or {}
-        result["power"]["power_mode"] = jet.get("power_mode")
+        result["power"] = energy_summary(samples, loop.t_start, loop.t_end, n)
+        result["power"]["power_mode"] = (result["device"].get("jetson") or {}).get("power_mode")
     else:
         result["power"] = {"available": False,
-                           "reason": "tegrastats not found (not a Jetson)" if args.power == "auto" else "--power off"}
-    return result, 0
+                           "reason": "tegrastats not found (not a Jetson)" if opts.power == "auto" else "--power off"}
+    return result
 
 
-def main(args: argparse.Namespace) -> int:
-    from splitbits.runtime.report import rich_table, write_json
+def print_summary(result: dict[str, Any]) -> None:
+    """The measured result as a table of stages and one line of bytes, accuracy, throughput, memory, power."""
+    from splitbits.runtime.report import rich_table
 
-    result, status = run_bench(args)
-    if args.json:
-        write_json(args.json, result)
-    if status == EXIT_REFUSED:
-        print(f"splitbits bench: REFUSED — {result['reason']}", file=sys.stderr)
-        print("no measurements reported from a bundle/backend that fails golden verification", file=sys.stderr)
-        return status
     lat = result["latency_ms"]
     rows = [[k, v["mean"], v["p50"], v["p90"], v["p99"]] for k, v in lat.items()]
     be = result["backend"]
@@ -217,4 +221,3 @@ def main(args: argparse.Namespace) -> int:
              else f"power: {pw.get('reason')}"))
     if platform.machine() == "x86_64" and result["backend"].get("backend") == "onnxruntime":
         print("(desktop emulation: ONNX Runtime CPU)")
-    return 0

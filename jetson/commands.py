@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 from typing import Any
 
 from splitbits.runtime.cli import (
+    EXIT_REFUSED,
     CliError,
     Command,
     add_backend_arguments,
     add_input_arguments,
+    backend_options,
     coder_name,
     existing_path,
     nonneg_float,
@@ -98,15 +100,13 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_device(args: argparse.Namespace) -> int:
     from splitbits.jetson.device import device_info
+    from splitbits.runtime.report import write_json
 
     info = device_info()
-    text = json.dumps(info, indent=2)
-    print(text)
+    print(json.dumps(info, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, info)
     return 0
-
 
 
 BENCH_BUNDLE_DESCRIPTION = """\
@@ -157,9 +157,32 @@ def add_bench_bundle_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench_bundle(args: argparse.Namespace) -> int:
-    from splitbits.jetson.bench import main
+    from splitbits.jetson.bench import BenchOptions, print_summary, rss_mb, run_bench
+    from splitbits.jetson.tegrastats import TegraStatsSampler
+    from splitbits.runtime.backends import get_backend
+    from splitbits.runtime.bundle import load_bundle
+    from splitbits.runtime.inputs import inputs_from_args
+    from splitbits.runtime.report import write_json
 
-    return int(main(args) or 0)
+    if args.power == "on" and not TegraStatsSampler.available():
+        raise CliError("--power on needs tegrastats (a Jetson), which is not on PATH here; use --power auto/off")
+    rss0 = rss_mb()
+    bundle = load_bundle(args.bundle)
+    inputs = inputs_from_args(bundle.input_shape, args)  # bad inputs fail before any model work
+    backend = get_backend(args.backend, bundle=bundle, **backend_options(args))
+    opts = BenchOptions(coder=args.coder, atol=args.atol, rtol=args.rtol, warmup=args.warmup, repeat=args.repeat,
+                        link_mbps=args.link_mbps, power=args.power, tegrastats_interval_ms=args.tegrastats_interval_ms,
+                        save_inputs=args.save_inputs, progress=not args.no_progress, rss_start_mb=rss0)
+    result = run_bench(bundle, backend, inputs, opts)
+    if args.json:
+        write_json(args.json, result)
+    if result["status"] == "refused":
+        print(f"splitbits bench: REFUSED — {result['reason']}", file=sys.stderr)
+        print("no measurements reported from a bundle/backend that fails golden verification", file=sys.stderr)
+        return EXIT_REFUSED
+    print_summary(result)
+    return 0
+
 
 COMMANDS = {
     "report": Command("compare bench/send results: Markdown/HTML tables and plots",

@@ -57,6 +57,10 @@ class Command:
     description: str | None = None
 
 
+#: exit status of a command that refuses a backend failing the bundle's golden verification (bench, serve)
+EXIT_REFUSED = 3
+
+
 class CliError(Exception):
     """An error the CLI reports as one line (exit code 2) instead of a traceback."""
 

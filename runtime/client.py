@@ -480,3 +480,66 @@ def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None,
         "batch_mean": float(np.mean([r.batch for r in ok])) if ok else 0.0,
         "throughput": {"images_per_s": len(ok) / wall_s if wall_s > 0 else 0.0, "wall_s": wall_s},
     }
+
+
+def send_result(encoder, inputs, outcome: SendOutcome, server: str, *, mbps: float | None, concurrency: int,
+                connections: int) -> dict[str, Any]:
+    """The JSON result of ``splitbits send`` (schema ``splitbits.send/1``): where and what was sent,
+    then :func:`summarize_send` of ``outcome``."""
+    import sys
+
+    from splitbits.runtime.machine import machine_info
+
+    b = encoder.bundle
+    return {
+        "schema": "splitbits.send/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "bundle": {"path": str(b.path), "fingerprint": b.fingerprint, "family": b.family},
+        "device": machine_info(),
+        "backend": encoder.backend.describe(),
+        "coder": encoder.coder.name,
+        "server": server,
+        "inputs": {"name": inputs.name, "count": len(inputs), **inputs.meta},
+        "concurrency": concurrency,
+        "connections": connections,
+        "requested": len(inputs),
+        **summarize_send(outcome.records, outcome.wall_s, mbps, outcome.links),
+        "connection_errors": outcome.connection_errors,
+    }
+
+
+def print_send(result: dict[str, Any]) -> None:
+    """A ``send`` result as a latency table, a line of bytes/accuracy/throughput and one of wire bytes."""
+    from splitbits.runtime.report import rich_table
+
+    rows = [[k, v["p50"], v["p90"], v["p99"]] for k, v in result["latency_ms"].items()]
+    rich_table(f"send → {result['server']}  ({result['answered_ok']}/{result['requested']} answered)",
+               ["stage (ms)", "p50", "p90", "p99"], rows)
+    acc = result["accuracy"]["top1"]
+    print(f"bytes/image {result['bytes']['packet']['mean']:.1f}  accuracy "
+          f"{'–' if acc is None else f'{acc:.3f}'}  throughput {result['throughput']['images_per_s']:.1f} img/s  "
+          "transmit model " + ", ".join(f"{k} Mbit/s {v:.2f} ms" for k, v in result["link"]["model_ms"].items()))
+    wire = result["wire"]
+    if wire.get("per_request"):
+        pr, tls_info = wire["per_request"], wire.get("tls")
+        mode = f"{'/'.join(tls_info['version'])} {'/'.join(tls_info['cipher'])}" if tls_info else "plain TCP"
+        print(f"wire ({mode}):"
+              f" {pr['wire_sent']:.1f} B sent, {pr['wire_received']:.1f} B received per request "
+              f"(link frames {pr['frame_sent']:.1f} / {pr['frame_received']:.1f} B)"
+              + (f"; handshake {tls_info['handshake_ms']['p50']:.2f} ms, "
+                 f"{tls_info['handshake_bytes_sent']['mean']:.0f} B sent / "
+                 f"{tls_info['handshake_bytes_received']['mean']:.0f} B received" if tls_info else ""))
+
+
+def unanswered(result: dict[str, Any], outcome: SendOutcome) -> list[str]:
+    """Why images of a ``send`` were not answered, one line each (none when all were)."""
+    requested = result["requested"]
+    if result["answered_ok"] == requested:
+        return []
+    reasons = dict(result["error_reasons"])
+    if requested > len(outcome.records):
+        reasons["not sent"] = requested - len(outcome.records)
+    return [f"{requested - result['answered_ok']}/{requested} not answered: "
+            + "; ".join(f"{n}× {why}" for why, n in reasons.items()),
+            *(f"connection: {why}" for why in outcome.connection_errors)]

@@ -7,9 +7,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from splitbits.runtime.cli import (
+    EXIT_REFUSED,
     CliError,
     Command,
     add_backend_arguments,
@@ -67,19 +67,15 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from splitbits.runtime.report import write_json
     from splitbits.runtime.verify import verify_backend
 
     rep = verify_backend(args.bundle, args.backend, coder=args.coder, **backend_options(args))
-    text = json.dumps(rep.to_dict(), indent=2)
-    print(text)
+    print(json.dumps(rep.to_dict(), indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, rep.to_dict())
     return 0 if rep.ok else 1
 
-
-#: exit status of a serve refused because the backend fails golden verification (as bench)
-EXIT_REFUSED = 3
 
 SERVE_DESCRIPTION = """\
 Run the server half of the split: an asyncio TCP server that takes length-prefixed packets,
@@ -223,20 +219,14 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_send(args: argparse.Namespace) -> int:
     import asyncio
-    import time
 
-    from splitbits.runtime.client import LinkError, send_images, summarize_send
+    from splitbits.runtime.client import LinkError, print_send, send_images, send_result, unanswered
     from splitbits.runtime.inputs import inputs_from_args
     from splitbits.runtime.link import client_tls_context, parse_hostport
-    from splitbits.runtime.machine import machine_info
     from splitbits.runtime.pipeline import EdgeEncoder
     from splitbits.runtime.progress import progress_bar
-    from splitbits.runtime.report import rich_table, write_json
+    from splitbits.runtime.report import write_json
 
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be at least 1")
-    if args.link_mbps is not None and args.link_mbps <= 0:
-        raise CliError("--link-mbps must be positive")
     try:
         host, port = parse_hostport(args.server)
     except ValueError as exc:
@@ -250,28 +240,12 @@ def run_send(args: argparse.Namespace) -> int:
     enc = EdgeEncoder(args.bundle, args.backend, coder=args.coder, **backend_options(args))
     enc.warmup()
     inputs = inputs_from_args(enc.bundle.input_shape, args)
-    progress = progress_bar(len(inputs), "send", disabled=args.no_progress)
-    with progress as bar:
+    with progress_bar(len(inputs), "send", disabled=args.no_progress) as bar:
         outcome = asyncio.run(send_images(
             enc, host, port, inputs.images, inputs.labels, mbps=args.link_mbps, concurrency=args.concurrency,
             connections=args.connections, progress=bar.advance, tls=tls, server_hostname=args.tls_server_name))
-    records = outcome.records
-    result = {
-        "schema": "splitbits.send/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
-        "bundle": {"path": str(enc.bundle.path), "fingerprint": enc.bundle.fingerprint, "family": enc.bundle.family},
-        "device": machine_info(),
-        "backend": enc.backend.describe(),
-        "coder": enc.coder.name,
-        "server": f"{host}:{port}",
-        "inputs": {"name": inputs.name, "count": len(inputs), **inputs.meta},
-        "concurrency": args.concurrency,
-        "connections": args.connections,
-        "requested": len(inputs),
-        **summarize_send(records, outcome.wall_s, args.link_mbps, outcome.links),
-        "connection_errors": outcome.connection_errors,
-    }
+    result = send_result(enc, inputs, outcome, f"{host}:{port}", mbps=args.link_mbps, concurrency=args.concurrency,
+                         connections=args.connections)
     if result["answered_ok"] == 0 and outcome.connection_errors:
         # nothing answered because the server refused or dropped us: say why, in one line
         reason = outcome.connection_errors[0]
@@ -281,37 +255,13 @@ def run_send(args: argparse.Namespace) -> int:
         if args.json:
             write_json(args.json, result)
         raise LinkError(reason)
-    lat = result["latency_ms"]
-    rows = [[k, v["p50"], v["p90"], v["p99"]] for k, v in lat.items()]
-    rich_table(f"send → {host}:{port}  ({result['answered_ok']}/{len(inputs)} answered)",
-               ["stage (ms)", "p50", "p90", "p99"], rows)
-    acc = result["accuracy"]["top1"]
-    print(f"bytes/image {result['bytes']['packet']['mean']:.1f}  accuracy "
-          f"{'–' if acc is None else f'{acc:.3f}'}  throughput {result['throughput']['images_per_s']:.1f} img/s  "
-          "transmit model " + ", ".join(f"{k} Mbit/s {v:.2f} ms" for k, v in result["link"]["model_ms"].items()))
-    wire = result["wire"]
-    if wire.get("per_request"):
-        pr, tls_info = wire["per_request"], wire.get("tls")
-        mode = f"{'/'.join(tls_info['version'])} {'/'.join(tls_info['cipher'])}" if tls_info else "plain TCP"
-        print(f"wire ({mode}):"
-              f" {pr['wire_sent']:.1f} B sent, {pr['wire_received']:.1f} B received per request "
-              f"(link frames {pr['frame_sent']:.1f} / {pr['frame_received']:.1f} B)"
-              + (f"; handshake {tls_info['handshake_ms']['p50']:.2f} ms, "
-                 f"{tls_info['handshake_bytes_sent']['mean']:.0f} B sent / "
-                 f"{tls_info['handshake_bytes_received']['mean']:.0f} B received" if tls_info else ""))
+    print_send(result)
     if args.json:
         write_json(args.json, result)
-    if result["answered_ok"] == len(inputs):
-        return 0
-    missing = len(inputs) - result["answered_ok"]
-    reasons = dict(result["error_reasons"])
-    if len(inputs) > len(records):
-        reasons["not sent"] = len(inputs) - len(records)
-    print(f"splitbits send: {missing}/{len(inputs)} not answered: "
-          + "; ".join(f"{n}× {why}" for why, n in reasons.items()), file=sys.stderr)
-    for why in outcome.connection_errors:
-        print(f"splitbits send: connection: {why}", file=sys.stderr)
-    return 1
+    problems = unanswered(result, outcome)
+    for line in problems:
+        print(f"splitbits send: {line}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 COMMANDS = {

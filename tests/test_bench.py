@@ -14,10 +14,11 @@ import pytest
 from onnx import numpy_helper
 
 from splitbits.jetson import bench
-from splitbits.jetson.commands import add_bench_bundle_arguments
+from splitbits.jetson.commands import add_bench_bundle_arguments, run_bench_bundle
 from splitbits.jetson.device import jetpack_from_l4t, parse_cuda_version, parse_l4t_release, parse_nvpmodel
 from splitbits.jetson.report import load_results, markdown, precision_of, rows, write_report
 from splitbits.jetson.tegrastats import TegraSample, TegraStatsSampler, energy_summary, parse_line
+from splitbits.runtime.cli import EXIT_REFUSED
 from splitbits.runtime.cli import main as cli_main
 from splitbits.runtime.errors import InputError
 from splitbits.runtime.inputs import load_inputs, parse_attack
@@ -141,7 +142,7 @@ def inputs_npz(tmp_path_factory):
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     add_bench_bundle_arguments(parser)
-    return bench.main(parser.parse_args(argv))
+    return run_bench_bundle(parser.parse_args(argv))
 
 
 def test_bench_desktop_emulation_json_schema(tiny_bundles, inputs_npz, tmp_path):
@@ -200,7 +201,7 @@ def test_bench_refuses_a_bundle_that_fails_golden_verification(tiny_bundles, inp
     out = tmp_path / "refused.json"
     rc = _bench([str(bad), "--backend", "onnxruntime", "--inputs", str(inputs_npz), "--json", str(out),
                  "--no-progress"])
-    assert rc == bench.EXIT_REFUSED
+    assert rc == EXIT_REFUSED
     r = json.loads(out.read_text())
     assert r["status"] == "refused" and not r["verification"]["ok"]
     assert any(p.startswith("tail.logits") for p in r["verification"]["problems"])

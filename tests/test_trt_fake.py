@@ -5,7 +5,6 @@ selection and verification — not TensorRT itself (see test_trt_engine.py for t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import types
@@ -105,7 +104,20 @@ def test_partial_build_is_verified_with_onnxruntime_for_the_other_graphs(bundle_
     assert load_bundle(b).engines()[f"tail.{SLUG}.trt10.3.0.fp16"]["max_batch"] == 16
 
 
-def test_tensorrt_backend_runs_engines_like_onnxruntime(bundle_copy, fakes, images):
+class _Shifted:
+    """An ONNX Runtime session whose output ``name`` comes out ``delta`` larger: an engine that computes
+    something ONNX Runtime alone does not, so only packets/logits made from the engine's outputs match."""
+
+    def __init__(self, sess, name: str, delta: float) -> None:
+        self.sess, self.name, self.delta = sess, name, np.float32(delta)
+
+    def run(self, names, feeds):
+        return [o + self.delta if n == self.name else o for n, o in zip(names, self.sess.run(names, feeds))]
+
+
+def test_tensorrt_backend_codes_the_engines_outputs(bundle_copy, fakes, images):
+    """Packets and logits come from the engines' device buffers (the fake engines shift y and the
+    logits, which ONNX Runtime does not), batches above the profile's max run in chunks."""
     trt, cuda, _ = fakes
     b = bundle_copy("mshp")
     _build(b, trt, cuda, precision="fp32", max_batch=2)
@@ -113,11 +125,18 @@ def test_tensorrt_backend_runs_engines_like_onnxruntime(bundle_copy, fakes, imag
     assert be.has_engines(load_bundle(b))
     enc, dec = EdgeEncoder(b, be), ServerDecoder(b, be)
     ort_enc, ort_dec = EdgeEncoder(b, "onnxruntime"), ServerDecoder(b, "onnxruntime")
+    shifted_ort = EdgeEncoder(b, "onnxruntime")
+    enc.head.engine.session = _Shifted(enc.head.engine.session, "y", 1.0)
+    shifted_ort.head._sess = _Shifted(shifted_ort.head._sess, "y", 1.0)
     for im in images[:3]:
-        assert enc.encode(im) == ort_enc.encode(im)  # identical packets
+        packet = enc.encode(im)
+        assert packet == shifted_ort.encode(im) and packet != ort_enc.encode(im)
+    assert enc.head.context.runs == 3
+    dec.tail.engine.session = _Shifted(dec.tail.engine.session, "logits", 1.0)
     packets = [ort_enc.encode(im) for im in images[:5]]
     batched = dec.decode_batch(packets)  # 5 > max batch 2: run in chunks
-    np.testing.assert_allclose(batched, ort_dec.decode_batch(packets), atol=1e-5)
+    np.testing.assert_allclose(batched, ort_dec.decode_batch(packets) + 1.0, atol=1e-5)
+    assert dec.tail.context.runs == 3
     desc = be.describe()  # (MSHP bundles with hyper_int.npz run hyper on the integer path, not an engine)
     assert {"head=fp32", "tail=fp32"} <= set(desc["precision"].split(",")) and desc["cuda"] == "cuda-python"
     with pytest.raises(BackendError, match=r"outside the engine's profile|engine expects"):
@@ -180,18 +199,16 @@ def test_auto_picks_tensorrt_only_where_engines_exist(bundle_copy, installed_fak
 def test_bench_on_the_tensorrt_backend(bundle_copy, installed_fakes, tmp_path):
     from support import textured_images as _images
 
-    from splitbits.jetson import bench
-    from splitbits.jetson.commands import add_bench_bundle_arguments
+    from splitbits.runtime.cli import main as cli_main
 
     trt, cuda, _ = installed_fakes
     b = bundle_copy("mshp")
     _build(b, trt, cuda, precision="fp16")
     np.savez(tmp_path / "in.npz", images=_images(4, seed=2), labels=np.arange(4))
-    parser = argparse.ArgumentParser()
-    add_bench_bundle_arguments(parser)
-    args = parser.parse_args([str(b), "--backend", "tensorrt", "--precision", "fp16", "--cuda-graph",
-                                            "--inputs", str(tmp_path / "in.npz"), "--warmup", "1", "--no-progress"])
-    result, status = bench.run_bench(args)
+    out = tmp_path / "bench.json"
+    status = cli_main(["bench", str(b), "--backend", "tensorrt", "--precision", "fp16", "--cuda-graph",
+                       "--inputs", str(tmp_path / "in.npz"), "--warmup", "1", "--no-progress", "--json", str(out)])
+    result = json.loads(out.read_text())
     assert status == 0 and result["status"] == "ok"
     assert result["backend"]["backend"] == "tensorrt" and result["backend"]["cuda_graph"] == "true"
     assert result["verification"]["tolerance"] == {"atol": 5e-2, "rtol": 5e-2}
