@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from splitbits.runtime.report import write_json
 
-        write_json(args.json, metrics)
+        write_json(args.json, dict(sorted(metrics.items())))  # sorted keys, as before
     _print_summary(metrics, args.out)
     return 0
 

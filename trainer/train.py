@@ -750,8 +750,7 @@ def _train_student(config: dict[str, Any], teacher_ckpt: Path, out: Path, ctx: R
                 extra_metrics = _finish_stage1(student, train.loaders, s1, loop)
                 stage, epoch = "stage2", 0
         if stage == "stage2" and loop.budget > 0:
-            train = _stage2(student, teacher, loaders.with_batch_size(s2["batch_size"]), config, loop)
-            train.extra_state["extra_metrics"] = extra_metrics
+            train = _stage2(student, teacher, loaders.with_batch_size(s2["batch_size"]), config, loop, extra_metrics)
             train.restore(ts)
             epoch = loop.run(train, epoch)
         if stage != "stage2" or epoch < s2["epochs"]:
@@ -870,7 +869,7 @@ def _finish_stage1(student: SplitClassifier, loaders: Loaders, s1: dict[str, Any
 
 
 def _stage2(student: SplitClassifier, teacher: TeacherClassifier, loaders: Loaders, config: dict[str, Any],
-            loop: EpochLoop) -> Stage:
+            loop: EpochLoop, stage1_metrics: dict[str, Any]) -> Stage:
     """The decoder and the rest learn knowledge distillation on rounded latents (encoder, entropy model frozen)."""
     s2 = config["stage2"]
     params = _set_stage(student, "stage2")
@@ -888,7 +887,7 @@ def _stage2(student: SplitClassifier, teacher: TeacherClassifier, loaders: Loade
 
     return Stage("stage2", "stage 2", s2["epochs"], loaders, spe, 3, student.train, step,
                  lambda tot: _classifier_stats(tot, opt), {"optimizer": opt, "scheduler": sched},
-                 epoch_offset=config["stage1"]["epochs"])
+                 epoch_offset=config["stage1"]["epochs"], extra_state={"extra_metrics": stage1_metrics})
 
 
 def _student_metrics(config: dict[str, Any], spec: ModelSpec, teacher_ckpt: Path, loaders: Loaders,
