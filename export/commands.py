@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from splitbits.runtime.cli import (
@@ -81,20 +80,7 @@ def run_export_trt(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     res = build_engines(args.source, opts)
-    v = res.verification or {}
-    for gb in res.graphs:
-        what = gb.engine or gb.onnx
-        print(f"{gb.graph:5s} {gb.precision} ({gb.typing} typing) {what}  FP32 nodes {gb.plan['fp32_nodes']}"
-              + (f", pinned layers {gb.pinned_layers}" if gb.engine else "")
-              + (f", Q/DQ nodes {len(gb.quantisation['quantised_nodes'])}" if gb.quantisation else ""))
-    where = f"TensorRT {res.tensorrt} on {res.device}" if res.mode == "tensorrt" else "ONNX Runtime CPU (prepared ONNX)"
-    print(f"verification on {where}: {'OK' if res.ok else 'FAILED'}  top-1 {v.get('top1_agree')}/{v.get('images')}  "
-          "max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.get("max_abs_err", {}).items()))
-    if v.get("symbol_mismatches"):
-        print("symbols differing from golden (reported, INT8): "
-              + ", ".join(f"{k}={n}" for k, n in v["symbol_mismatches"].items()))
-    for problem in v.get("problems", []):
-        print(f"  mismatch: {problem}")
+    print("\n".join(res.report_lines()))
     if args.json:
         from splitbits.runtime.report import write_json
 
@@ -114,10 +100,9 @@ def run_export(args: argparse.Namespace) -> int:
         raise CliError("--out is required when exporting a checkpoint")
     with needs_extra("train"):
         from splitbits.export.bundle import export_bundle
+        from splitbits.runtime.report import write_json
         from splitbits.trainer.checkpoint import load_model
         from splitbits.trainer.models import ModelSpec, SplitClassifier
-    if args.golden < 1:
-        raise CliError("--golden must be at least 1")
     spec = None
     if args.arch:
         if not args.family:
@@ -148,8 +133,7 @@ def run_export(args: argparse.Namespace) -> int:
           f"verified on onnxruntime: top-1 {v.top1_agree}/{v.images}, packets {v.packets_ok}/{v.images}, "
           f"max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.max_abs_err.items()))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     return 0
 
 

@@ -40,7 +40,7 @@ import onnx
 
 from splitbits.export.precision import PinPlan, check_onnx, plan_fp32, profile_shapes, quantize_qdq, to_mixed_fp16
 from splitbits.runtime.backends.base import Backend
-from splitbits.runtime.backends.onnxruntime import OrtBackend, OrtSession
+from splitbits.runtime.backends.onnxruntime import OrtBackend
 from splitbits.runtime.backends.tensorrt import (
     ENGINE_DIR,
     INT8_MIN_TOP1,
@@ -57,6 +57,7 @@ from splitbits.runtime.backends.tensorrt import (
 from splitbits.runtime.backends.tensorrt import TOLERANCES as TRT_TOLERANCES
 from splitbits.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
 from splitbits.runtime.errors import BackendError, BundleError, SplitbitsError
+from splitbits.runtime.report import write_json
 from splitbits.runtime.verify import Tolerance, VerifyReport, verify_bundle
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,25 @@ class BuildResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def report_lines(self) -> list[str]:
+        """What ``export --trt`` prints: a line per graph, the verification, what differed."""
+        v = self.verification or {}
+        lines = [f"{gb.graph:5s} {gb.precision} ({gb.typing} typing) {gb.engine or gb.onnx}  "
+                 f"FP32 nodes {gb.plan['fp32_nodes']}"
+                 + (f", pinned layers {gb.pinned_layers}" if gb.engine else "")
+                 + (f", Q/DQ nodes {len(gb.quantisation['quantised_nodes'])}" if gb.quantisation else "")
+                 for gb in self.graphs]
+        where = (f"TensorRT {self.tensorrt} on {self.device}" if self.mode == "tensorrt"
+                 else "ONNX Runtime CPU (prepared ONNX)")
+        lines.append(f"verification on {where}: {'OK' if self.ok else 'FAILED'}  top-1 {v.get('top1_agree')}/"
+                     f"{v.get('images')}  max errors "
+                     + ", ".join(f"{k}={e:.2g}" for k, e in v.get("max_abs_err", {}).items()))
+        if v.get("symbol_mismatches"):
+            lines.append("symbols differing from golden (reported, INT8): "
+                         + ", ".join(f"{k}={n}" for k, n in v["symbol_mismatches"].items()))
+        lines += [f"  mismatch: {problem}" for problem in v.get("problems", [])]
+        return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,14 +250,8 @@ class PreparedOrtBackend(OrtBackend):
         super().__init__(providers=["cpu"])
         self.files = files
 
-    def load(self, bundle: Bundle, graph: str) -> OrtSession:
-        path = self.files.get(graph, bundle.graph(graph))
-        so = self._ort.SessionOptions()
-        so.log_severity_level = 3
-        try:
-            return OrtSession(self._ort.InferenceSession(str(path), so, providers=self.providers))
-        except Exception as exc:
-            raise BackendError(f"ONNX Runtime could not load {path}: {exc}") from exc
+    def graph_path(self, bundle: Bundle, graph: str) -> Path:
+        return self.files.get(graph, bundle.graph(graph))
 
     def describe(self) -> dict[str, str]:
         d = super().describe()
@@ -335,13 +349,12 @@ class EnginesUnderTest(Backend):
 
 
 def register_engines(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> None:
-    """Add engine entries to the manifest (atomically); files and fingerprint are untouched."""
+    """Add engine entries to the manifest (atomically: the bundle stays loadable if the build is
+    interrupted); files and fingerprint are untouched."""
     mpath = bundle_path / MANIFEST
     manifest = json.loads(mpath.read_text())
     manifest.setdefault("engines", {}).update(entries)
-    tmp = mpath.with_name(f".{MANIFEST}.{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(mpath)
+    write_json(mpath, manifest, atomic=True)
 
 
 def _verify(bundle_path: Path, backend: Any, precision: str, tol: Tolerance | None) -> VerifyReport:
@@ -349,11 +362,73 @@ def _verify(bundle_path: Path, backend: Any, precision: str, tol: Tolerance | No
                          exact_symbols=precision != "int8", min_top1=INT8_MIN_TOP1)
 
 
+@dataclass
+class _Prepared:
+    """One graph ready for the builder: its ONNX, FP32 plan, precision and typing."""
+
+    path: Path
+    plan: PinPlan
+    precision: str
+    typing: str
+
+
+def _prepare_graphs(bundle: Bundle, graphs: list[str], opts: TrtBuildOptions, version: str | None,
+                    has_weak: bool, result: BuildResult) -> dict[str, _Prepared]:
+    """The ONNX of every graph (mixed FP16 / Q/DQ where asked), each listed in ``result.graphs``."""
+
+    def typing_of(precision: str) -> str:
+        if version is None:  # onnx-only: check what a strongly typed build consumes
+            return "strong" if precision != "fp32" else "any"
+        return choose_typing(version, has_weak, precision, opts.strongly_typed)
+
+    calib = None
+    if opts.precision == "int8":
+        calib = calibration_feeds(bundle, [g for g in graphs if graph_precision(g, "int8") == "int8"],
+                                  _calibration_images(bundle, opts))
+    prepared: dict[str, _Prepared] = {}
+    for g in graphs:
+        prec = graph_precision(g, opts.precision)
+        typing = typing_of(prec)
+        path, plan, stats = prepare_onnx(bundle, g, prec, typing, calib)
+        prepared[g] = _Prepared(path, plan, prec, typing)
+        result.graphs.append(GraphBuild(g, prec, typing, os.path.relpath(path, bundle.path), plan.summary(), stats))
+    return prepared
+
+
+def _build_all(trt: Any, bundle_path: Path, prepared: dict[str, _Prepared], opts: TrtBuildOptions, device: str,
+               version: str, result: BuildResult) -> dict[str, dict[str, Any]]:
+    """Build and write every engine of ``result.graphs``; their manifest entries by engine key."""
+    from splitbits.runtime.progress import progress_bar
+
+    slug = slugify(device)
+    cache_path = bundle_path / timing_cache_filename(slug, version)
+    logger = trt.Logger(trt.Logger.WARNING)
+    entries: dict[str, dict[str, Any]] = {}
+    with progress_bar(len(result.graphs), "building engines", disabled=not opts.progress) as bar:
+        for gb in result.graphs:
+            p = prepared[gb.graph]
+            t = time.perf_counter()
+            engine, pinned = build_engine(trt, p.path, p.plan, p.precision, p.typing, opts, cache_path, logger)
+            rel = engine_filename(gb.graph, slug, version, p.precision)
+            (bundle_path / rel).write_bytes(engine)
+            gb.engine, gb.pinned_layers = rel, pinned
+            gb.engine_bytes = (bundle_path / rel).stat().st_size
+            gb.seconds = time.perf_counter() - t
+            entries[engine_key(gb.graph, slug, version, p.precision)] = {
+                "graph": gb.graph, "file": rel, "sha256": sha256_file(bundle_path / rel), "bytes": gb.engine_bytes,
+                "device": device, "device_slug": slug, "tensorrt": version, "precision": p.precision,
+                "requested_precision": opts.precision, "typing": p.typing, "onnx": gb.onnx,
+                "max_batch": opts.max_batch, "opt_batch": opts.opt_batch or opts.max_batch,
+                "workspace_mib": opts.workspace_mib, "fp32_layers": pinned, "plan": gb.plan,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            bar.advance()
+    return entries
+
+
 def build_engines(bundle_path: str | Path, opts: TrtBuildOptions, *, trt: Any = None, cuda: Any = None) -> BuildResult:
     """Prepare, build, register and verify the engines of a bundle (or only prepare and check the
     ONNX with ``opts.onnx_only``). ``trt``/``cuda`` are injectable for tests."""
-    from splitbits.runtime.progress import progress_bar
-
     t0 = time.perf_counter()
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
@@ -370,70 +445,26 @@ def build_engines(bundle_path: str | Path, opts: TrtBuildOptions, *, trt: Any = 
     version = str(trt.__version__) if trt is not None else None
     has_weak = trt is not None and hasattr(trt.BuilderFlag, "FP16")
     result = BuildResult(str(bundle_path), "onnx-only" if opts.onnx_only else "tensorrt", opts.precision, None, version)
-
-    def typing_of(precision: str) -> str:
-        if version is None:  # onnx-only: check what a strongly typed build consumes
-            return "strong" if precision != "fp32" else "any"
-        return choose_typing(version, has_weak, precision, opts.strongly_typed)
-
-    calib = None
-    if opts.precision == "int8":
-        calib = calibration_feeds(bundle, [g for g in graphs if graph_precision(g, "int8") == "int8"],
-                                  _calibration_images(bundle, opts))
-    prepared: dict[str, tuple[Path, PinPlan, dict | None, str, str]] = {}
-    for g in graphs:
-        prec = graph_precision(g, opts.precision)
-        typing = typing_of(prec)
-        path, plan, stats = prepare_onnx(bundle, g, prec, typing, calib)
-        prepared[g] = (path, plan, stats, prec, typing)
-        result.graphs.append(GraphBuild(g, prec, typing, os.path.relpath(path, bundle_path), plan.summary(), stats))
-
+    prepared = _prepare_graphs(bundle, graphs, opts, version, has_weak, result)
     if opts.onnx_only:
-        be = PreparedOrtBackend({g: p for g, (p, *_) in prepared.items()})
-        rep = _verify(bundle_path, be, opts.precision, opts.tol)
-        result.verification = rep.to_dict()
-        result.ok = rep.ok
-        result.seconds = time.perf_counter() - t0
-        return result
+        be: Backend = PreparedOrtBackend({g: p.path for g, p in prepared.items()})
+        entries: dict[str, dict[str, Any]] = {}
+    else:
+        from splitbits.runtime.backends.tensorrt import TrtBackend
 
-    cuda = cuda or load_cuda()
-    device = device_name(cuda)
-    slug = slugify(device)
-    result.device = device
-    cache_path = bundle_path / timing_cache_filename(slug, version)
-    logger = trt.Logger(trt.Logger.WARNING)
-    entries: dict[str, dict[str, Any]] = {}
-    with progress_bar(len(graphs), "building engines", disabled=not opts.progress) as bar:
-        for gb in result.graphs:
-            path, plan, _, prec, typing = prepared[gb.graph]
-            t = time.perf_counter()
-            engine, pinned = build_engine(trt, path, plan, prec, typing, opts, cache_path, logger)
-            rel = engine_filename(gb.graph, slug, version, prec)
-            with open(bundle_path / rel, "wb") as f:
-                f.write(engine)
-            gb.engine, gb.pinned_layers = rel, pinned
-            gb.engine_bytes = (bundle_path / rel).stat().st_size
-            gb.seconds = time.perf_counter() - t
-            entries[engine_key(gb.graph, slug, version, prec)] = {
-                "graph": gb.graph, "file": rel, "sha256": sha256_file(bundle_path / rel), "bytes": gb.engine_bytes,
-                "device": device, "device_slug": slug, "tensorrt": version, "precision": prec,
-                "requested_precision": opts.precision, "typing": typing, "onnx": gb.onnx,
-                "max_batch": opts.max_batch, "opt_batch": opts.opt_batch or opts.max_batch,
-                "workspace_mib": opts.workspace_mib, "fp32_layers": pinned, "plan": gb.plan,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            bar.advance()
-    register_engines(bundle_path, entries)
-
-    from splitbits.runtime.backends.tensorrt import TrtBackend
-
-    be = EnginesUnderTest(TrtBackend(precision=opts.precision, trt=trt, cuda=cuda, device=device), graphs)
+        cuda = cuda or load_cuda()
+        result.device = device_name(cuda)
+        assert version is not None
+        entries = _build_all(trt, bundle_path, prepared, opts, result.device, version, result)
+        register_engines(bundle_path, entries)
+        be = EnginesUnderTest(TrtBackend(precision=opts.precision, trt=trt, cuda=cuda, device=result.device), graphs)
     rep = _verify(bundle_path, be, opts.precision, opts.tol)
     result.verification = rep.to_dict()
     result.ok = rep.ok
-    for e in entries.values():
-        e["verification"] = {"ok": rep.ok, "problems": rep.problems, "max_abs_err": rep.max_abs_err,
-                             "symbol_mismatches": rep.symbol_mismatches, "tolerance": rep.tolerance}
-    register_engines(bundle_path, entries)
+    if entries:
+        for e in entries.values():
+            e["verification"] = {"ok": rep.ok, "problems": rep.problems, "max_abs_err": rep.max_abs_err,
+                                 "symbol_mismatches": rep.symbol_mismatches, "tolerance": rep.tolerance}
+        register_engines(bundle_path, entries)
     result.seconds = time.perf_counter() - t0
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,18 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+def write_json(path: str | Path, obj: Any, *, atomic: bool = False) -> Path:
+    """``obj`` as indented JSON at ``path`` (numpy scalars and arrays, paths converted; parent folders
+    created). ``atomic``: written beside it and renamed over it, so no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    if not atomic:
+        path.write_text(text)
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
 
 

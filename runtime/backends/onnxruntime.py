@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,16 +48,21 @@ class OrtBackend(Backend):
         self.providers = wanted
         self.threads = threads
 
+    def graph_path(self, bundle: Bundle, graph: str) -> Path:
+        """The ONNX file a session of ``graph`` runs: the bundle's."""
+        return bundle.graph(graph)
+
     def load(self, bundle: Bundle, graph: str) -> Session:
         so = self._ort.SessionOptions()
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
+        path = self.graph_path(bundle, graph)
         try:
-            sess = self._ort.InferenceSession(str(bundle.graph(graph)), so, providers=self._providers_for(bundle))
+            sess = self._ort.InferenceSession(str(path), so, providers=self._providers_for(bundle))
         except Exception as exc:  # ORT raises its own exception types
-            raise BackendError(f"ONNX Runtime could not load {graph}: {exc}") from exc
+            raise BackendError(f"ONNX Runtime could not load {graph} ({path}): {exc}") from exc
         return OrtSession(sess)
 
     def _providers_for(self, bundle: Bundle) -> list:
