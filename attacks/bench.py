@@ -1,40 +1,27 @@
-"""``splitbits bench attack``: batched PGD-E vs per-image loops with the same settings, in one run.
-
-Three implementations of the same attack (``--steps`` PGD steps, ``--eot`` noise samples per step):
-
-* ``batched``: ``--batch`` images at once, the EOT samples of all of them in one forward/backward
-  (what ``splitbits attack`` and campaigns use);
-* ``per_image``: one image at a time, its EOT samples still batched;
-* ``per_image_sequential_eot``: one image at a time and one EOT sample per forward/backward,
-  gradients accumulated (the straightforward reference-style loop).
-
-Images/s of each and the speedups of ``batched`` over the two loops go to stdout and ``--json``,
-together with the machine's load average and thread count (timings on a shared CPU vary).
-"""
+"""Throughput of the batched PGD-E against per-image loops with the same settings (``splitbits bench
+attack``; what the three implementations are is in its ``--help``)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import Tensor
 
-def _sync(dev: Any) -> None:
-    import torch
+from splitbits.attacks.model_ops import split_forward
+from splitbits.attacks.runner import machine_info
+from splitbits.attacks.threats import AttackConfig, project, run_attack
 
+
+def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def sequential_eot_pgd(model: Any, x: Any, cfg: Any, generator: Any) -> Any:
+def sequential_eot_pgd(model: Any, x: Tensor, cfg: AttackConfig, generator: torch.Generator) -> Tensor:
     """PGD-E on one image with one noise sample per forward/backward (gradients summed over EOT)."""
-    import torch
-
-    from splitbits.attacks.model_ops import split_forward
-    from splitbits.attacks.threats import project
-
     noise = torch.rand(x.shape, generator=generator, device=generator.device).to(x)
     x_adv = project(x + (noise * 2 - 1) * cfg.eps, x, cfg.eps)
     for _ in range(cfg.steps):
@@ -48,22 +35,13 @@ def sequential_eot_pgd(model: Any, x: Any, cfg: Any, generator: Any) -> Any:
     return x_adv.detach()
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from splitbits.attacks.actions import machine_info
-    from splitbits.attacks.model_ops import split_forward
-    from splitbits.attacks.runner import pick_device
-    from splitbits.attacks.threats import AttackConfig, run_attack
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = pick_device(args.device)
-    if args.checkpoint:
+def _model(checkpoint: str | None, dev: torch.device) -> tuple[Any, str]:
+    """The student of ``checkpoint`` (else an untrained tiny MSHP model), frozen, on ``dev``; and its name."""
+    if checkpoint:
         from splitbits.trainer.checkpoint import load_model
 
-        model, _ = load_model(args.checkpoint)
-        source = args.checkpoint
+        model, _ = load_model(checkpoint)
+        source = checkpoint
     else:
         from splitbits.trainer.models import ModelSpec, build_model
 
@@ -73,76 +51,45 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     model = model.to(dev).eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
+    return model, source
+
+
+def run_bench(checkpoint: str | None, dev: torch.device, *, images: int = 64, loop_images: int = 8, batch: int = 32,
+              steps: int = 20, eot: int = 16, eps: float = 8.0, sequential: bool = True) -> dict[str, Any]:
+    """Images/s of ``batched`` (``images`` in batches of ``batch``), ``per_image`` and (``sequential``)
+    ``per_image_sequential_eot`` (``loop_images`` each) on the same random images; ``eps`` in 1/255."""
+    model, source = _model(checkpoint, dev)
     size = model.spec.input_size
     gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.rand(max(args.images, args.loop_images), 3, size, size, generator=gen, device=dev)
-    cfg = AttackConfig(name="pgd-e", eps=args.eps / 255, steps=args.steps, eot=args.eot)
-
-    def rate(xx: Any) -> float:
-        with torch.no_grad():
-            return float(split_forward(model, xx, "round").rate().mean())
-
+    x = torch.rand(max(images, loop_images), 3, size, size, generator=gen, device=dev)
+    cfg = AttackConfig(name="pgd-e", eps=eps / 255, steps=steps, eot=eot)
     run_attack(model, x[:2], AttackConfig(name="pgd-e", eps=cfg.eps, steps=2, eot=2), generator=gen)  # warm-up
-    out: dict[str, Any] = {"settings": {"steps": args.steps, "eot": args.eot, "eps": f"{args.eps:g}/255",
-                                        "batch": args.batch, "images": args.images, "loop_images": args.loop_images,
-                                        "input": [3, size, size], "model": source, "device": str(dev)}}
-    _sync(dev)
-    t = time.perf_counter()
-    adv = torch.cat([run_attack(model, x[i:i + args.batch], cfg, generator=gen).x_adv
-                     for i in range(0, args.images, args.batch)])
-    _sync(dev)
-    s = time.perf_counter() - t
-    out["batched"] = {"images": args.images, "seconds": s, "images_per_s": args.images / s,
-                      "rate_clean_bits": rate(x[:args.images]), "rate_attacked_bits": rate(adv)}
-    t = time.perf_counter()
-    adv = torch.cat([run_attack(model, x[i:i + 1], cfg, generator=gen).x_adv for i in range(args.loop_images)])
-    _sync(dev)
-    s = time.perf_counter() - t
-    out["per_image"] = {"images": args.loop_images, "seconds": s, "images_per_s": args.loop_images / s,
-                        "rate_clean_bits": rate(x[:args.loop_images]), "rate_attacked_bits": rate(adv)}
-    if not args.skip_sequential:
+    out: dict[str, Any] = {"settings": {"steps": steps, "eot": eot, "eps": f"{eps:g}/255", "batch": batch,
+                                        "images": images, "loop_images": loop_images, "input": [3, size, size],
+                                        "model": source, "device": str(dev)}}
+
+    def timed(name: str, n: int, attack: Callable[[], Tensor]) -> None:
+        _sync(dev)
         t = time.perf_counter()
-        adv = torch.cat([sequential_eot_pgd(model, x[i:i + 1], cfg, gen) for i in range(args.loop_images)])
+        adv = attack()
         _sync(dev)
         s = time.perf_counter() - t
-        out["per_image_sequential_eot"] = {"images": args.loop_images, "seconds": s,
-                                           "images_per_s": args.loop_images / s,
-                                           "rate_clean_bits": rate(x[:args.loop_images]),
-                                           "rate_attacked_bits": rate(adv)}
+        with torch.no_grad():
+            rates = [float(split_forward(model, xx, "round").rate().mean()) for xx in (x[:n], adv)]
+        out[name] = {"images": n, "seconds": s, "images_per_s": n / s, "rate_clean_bits": rates[0],
+                     "rate_attacked_bits": rates[1]}
+
+    timed("batched", images, lambda: torch.cat([run_attack(model, x[i:i + batch], cfg, generator=gen).x_adv
+                                                for i in range(0, images, batch)]))
+    timed("per_image", loop_images, lambda: torch.cat([run_attack(model, x[i:i + 1], cfg, generator=gen).x_adv
+                                                       for i in range(loop_images)]))
+    if sequential:
+        timed("per_image_sequential_eot", loop_images,
+              lambda: torch.cat([sequential_eot_pgd(model, x[i:i + 1], cfg, gen) for i in range(loop_images)]))
     b = out["batched"]["images_per_s"]
     out["speedup_vs_per_image"] = b / out["per_image"]["images_per_s"]
-    if "per_image_sequential_eot" in out:
+    if sequential:
         out["speedup_vs_per_image_sequential_eot"] = b / out["per_image_sequential_eot"]["images_per_s"]
     out["machine"] = machine_info()
     out["note"] = "all implementations attack the same random images; rates are −Σlog₂p in bits (rounded)"
     return out
-
-
-def main(args: argparse.Namespace) -> int:
-    from splitbits.runtime.cli import CliError
-    from splitbits.runtime.report import rich_table, write_json
-
-    for k in ("images", "loop_images", "batch", "steps", "eot", "threads"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            raise CliError(f"--{k.replace('_', '-')} must be >= 1")
-    if not 0 <= args.eps <= 255:
-        raise CliError(f"--eps {args.eps} is outside [0, 255] (units of 1/255)")
-    from splitbits.attacks.actions import check_device
-
-    check_device(args.device)
-    res = run_bench(args)
-    rows = [(k, res[k]["images"], res[k]["seconds"], res[k]["images_per_s"], res[k]["rate_attacked_bits"])
-            for k in ("batched", "per_image", "per_image_sequential_eot") if k in res]
-    rich_table(f"PGD-E throughput ({res['settings']['steps']} steps, EOT {res['settings']['eot']}, "
-               f"{res['settings']['device']}, load {res['machine']['loadavg_1_5_15']})",
-               ["implementation", "images", "s", "images/s", "attacked bits"], rows)
-    line = f"speedup batched vs per-image: {res['speedup_vs_per_image']:.1f}×"
-    if "speedup_vs_per_image_sequential_eot" in res:
-        line += f"; vs per-image sequential EOT: {res['speedup_vs_per_image_sequential_eot']:.1f}×"
-    print(line)
-    if args.json:
-        write_json(args.json, res)
-    else:
-        json.dump(res, sys.stdout, indent=1)
-        print()
-    return 0

@@ -9,12 +9,13 @@ writes one row per defence into ``OUT/results.sqlite`` in a single transaction. 
 campaign therefore loses at most the unit in flight; rerunning the same command resumes and never
 recomputes a stored unit. Units are assigned round-robin over shards (``RANK``/``WORLD_SIZE`` from
 ``torchrun``, or ``--shard I/N``), each shard on its own device (``cuda:LOCAL_RANK``), all writing to
-the same SQLite file (WAL mode). The last shard to finish writes the report (``--report-only``
-rewrites it from whatever is stored).
+the same SQLite file (WAL mode), and its counts and machine to ``OUT/run_rankR.json``. The last
+shard to finish writes the report (``--report-only`` rewrites it from whatever is stored).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -29,12 +30,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from splitbits.attacks.defence import DefenceConfig
-from splitbits.attacks.threats import RATE_TERMS, THREATS, AttackConfig, AttackConfigError, check_threat, parse_eps
+from splitbits.attacks.report import write_report
+from splitbits.attacks.runner import (
+    PointResult,
+    RuntimeMeter,
+    Target,
+    evaluate_point,
+    machine_info,
+    pick_device,
+    resolve_target,
+)
+from splitbits.attacks.threats import (
+    CLEAN,
+    RATE_TERMS,
+    THREATS,
+    AttackConfig,
+    AttackConfigError,
+    ThreatPoint,
+    check_threat,
+    parse_eps,
+)
+from splitbits.runtime.bundle import sha256_file
 from splitbits.runtime.corruptions import CORRUPTIONS, SEVERITIES, CorruptionError, check_corruption
+from splitbits.runtime.datasets import load_arrays
 from splitbits.runtime.errors import SplitbitsError
+from splitbits.runtime.progress import Bars
+from splitbits.runtime.report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,37 +108,6 @@ def _unknown(where: str, given: Iterable[str], known: Iterable[str]) -> None:
     for k in given:
         if k not in known:
             raise CampaignError(f"unknown key {where}{k!r}{_suggest(k, known)}; valid: {', '.join(sorted(known))}")
-
-
-@dataclass(frozen=True)
-class ThreatPoint:
-    """One (threat, ε) of the grid, or one (corruption, severity)."""
-
-    attack: AttackConfig | None = None
-    corruption: str | None = None
-    severity: int | None = None
-
-    @property
-    def threat(self) -> str:
-        return self.attack.name if self.attack else "corruption"
-
-    @property
-    def eps(self) -> float | None:
-        return self.attack.eps if self.attack else None
-
-    @property
-    def level(self) -> str:
-        if self.attack is None:
-            return f"{self.corruption}:{self.severity}"
-        return "-" if self.attack.name == "clean" else f"{round(self.attack.eps * 255, 4):g}/255"
-
-    def key(self) -> str:
-        """Identity of the point including every parameter that changes its result."""
-        if self.attack is None:
-            return f"corruption|{self.corruption}|{self.severity}"
-        d = self.attack.to_dict()
-        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.attack.name}|{self.level}|{h}"
 
 
 @dataclass
@@ -259,7 +253,7 @@ def parse_campaign(raw: Mapping[str, Any], base: Path | None = None) -> Campaign
     for i, t in enumerate(cfg["threats"] or []):
         points += _threat_points(i, t, cfg["eps_unit"])
     if not any(p.threat == "clean" for p in points):
-        points.insert(0, ThreatPoint(attack=AttackConfig(name="clean", eps=0.0)))
+        points.insert(0, CLEAN)
     cpoints, source = _corruption_points(cfg["corruptions"])
     points += cpoints
     keys = [p.key() for p in points]
@@ -281,14 +275,22 @@ def parse_campaign(raw: Mapping[str, Any], base: Path | None = None) -> Campaign
 
 
 def load_campaign(path: str | os.PathLike) -> Campaign:
+    """Read and validate a campaign YAML file (relative model paths are relative to its folder)."""
     p = Path(path)
     if not p.is_file():
         raise CampaignError(f"campaign config not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError as exc:
+        raise CampaignError(f"{p}: not a text (YAML) file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise CampaignError(f"{p}: not valid YAML ({exc})") from exc
     return parse_campaign(raw or {}, base=p.parent)
+
+
+def output_dir(c: Campaign, out: str | os.PathLike | None = None) -> Path:
+    """``out``, else the config's ``out``, else ``runs/campaigns/NAME``."""
+    return Path(out or c.config["out"] or Path("runs") / "campaigns" / c.config["name"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +367,6 @@ class ResultStore:
     def shard_status(self) -> dict[int, str]:
         return dict(self.con.execute("SELECT rank, status FROM shards").fetchall())
 
-    def clear_shards(self) -> None:
-        self.con.execute("DELETE FROM shards")
-
 
 # --------------------------------------------------------------------------------------------
 # Running
@@ -413,11 +412,8 @@ def _unit_seed(seed: int, key: str) -> int:
 
 
 def _model_id(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") if Path(path).is_file() else open(Path(path) / "manifest.json", "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()[:12]
+    p = Path(path)
+    return sha256_file(p if p.is_file() else p / "manifest.json")[:12]
 
 
 def current_points(c: Campaign, model_ids: list[str] | None = None) -> set[str]:
@@ -437,53 +433,30 @@ def plan_units(c: Campaign) -> list[Unit]:
 
 
 class _Data:
-    """Images per (image size, corruption source) loaded once; checks emptiness up front."""
+    """Images per (image size, corruption source) loaded once; an empty dataset is an error up front."""
 
     def __init__(self, c: Campaign) -> None:
         self.c = c
         self.cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def get(self, size: int, corruption: str | None = None, severity: int | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-        from splitbits.runtime.datasets import open_dataset
-
+    def get(self, size: int, point: ThreatPoint) -> tuple[np.ndarray, np.ndarray, ThreatPoint]:
+        """(images, labels, what is left to do to them): a corruption read pre-corrupted from an
+        ImageNet-C folder leaves nothing (:data:`CLEAN`)."""
         cfg = self.c.config
-        spec, key = cfg["dataset"], (size, None, None)
-        if corruption is not None and self.c.corruption_source != "generate":
-            spec = f"{self.c.corruption_source}?corruption={corruption}&severity={severity}"
-            key = (size, corruption, severity)
+        spec, key, todo = cfg["dataset"], (size, None, None), point
+        if point.corruption is not None and self.c.corruption_source != "generate":
+            spec = f"{self.c.corruption_source}?corruption={point.corruption}&severity={point.severity}"
+            key, todo = (size, point.corruption, point.severity), CLEAN
         if key not in self.cache:
-            ds = open_dataset(spec, split=cfg["split"], image_size=cfg["image_size"] or size, limit=cfg["limit"])
-            if len(ds) == 0:
-                raise CampaignError(f"dataset {spec} ({cfg['split']}) has no images")
-            imgs = np.stack([ds[i][0] for i in range(len(ds))])
-            labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
-            if len(ds) < cfg["limit"]:
-                log.warning("dataset %s has only %d images (limit %d)", spec, len(ds), cfg["limit"])
-            self.cache[key] = (imgs, labels)
-        return self.cache[key]
+            self.cache[key] = load_arrays(spec, cfg["split"], cfg["image_size"] or size, cfg["limit"])
+            if len(self.cache[key][0]) < cfg["limit"]:
+                log.warning("dataset %s has only %d images (limit %d)", spec, len(self.cache[key][0]), cfg["limit"])
+        return (*self.cache[key], todo)
 
 
-def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, shard: str | None = None,
-                 device: str | None = None, progress: bool = True,
-                 on_unit: Callable[[Unit, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the campaign (this process's shard) into ``out``; returns counts.
-
-    ``on_unit(unit, n_computed)`` is called after each stored unit (progress hooks, tests).
-    """
-    import torch
-
-    from splitbits.attacks.runner import Perturbation, RuntimeMeter, evaluate_point, pick_device, resolve_target
-
-    out = Path(out)
-    rank, world, local_rank = shard_from_env(shard)
-    if c.config["threads"]:
-        torch.set_num_threads(int(c.config["threads"]))
-    dev_name = device or c.config["device"]
-    dev = pick_device(dev_name)
-    if dev.type == "cuda" and world > 1 and dev.index is None:
-        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    out.mkdir(parents=True, exist_ok=True)
+def _open_store(c: Campaign, out: Path, rank: int, fresh: bool) -> ResultStore:
+    """``out/results.sqlite`` of this config's frame (dataset, limit, chunk, seed); ``fresh`` (rank 0)
+    discards it first; a store of another frame is refused."""
     db_path = out / DB_NAME
     if fresh and rank == 0 and db_path.exists():
         for suffix in ("", "-wal", "-shm"):
@@ -499,47 +472,87 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
         store.set_meta("frame", frame)
         store.set_meta("config", json.dumps(c.config, sort_keys=True, default=str))
         store.set_meta("defences", json.dumps([d.to_dict() for d in c.defences]))
-    data = _Data(c)
-    # Everything that can fail on bad input fails here, before the first attack.
+    return store
+
+
+def _targets(c: Campaign, dev: torch.device) -> list[tuple[Target, str]]:
+    """(target, model id) of every model, checked (bundle matches checkpoint) on ``dev``."""
     targets = []
     for m in c.models:
         t = resolve_target(m["bundle"] or m["path"], checkpoint=m["path"] if m["bundle"] else None, device=dev)
         if m["name"]:
             t.name = m["name"]
         targets.append((t, _model_id(m["path"])))
-    for t, _ in targets:
-        data.get(t.model.spec.input_size)
-    units = plan_units(c)
-    mine = [u for i, u in enumerate(units) if i % world == rank]
-    done = store.done_units(d.label for d in c.defences)
-    todo = [u for u in mine if u.key(targets[u.model_index][1]) not in done]
-    log.info("campaign %s: %d units, shard %d/%d has %d, %d already stored, %d to run",
-             c.config["name"], len(units), rank, world, len(mine), len(mine) - len(todo), len(todo))
-    meters: dict[int, Any] = {}
+    return targets
+
+
+def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, shard: str | None = None,
+                 device: str | None = None, progress: bool = True,
+                 on_unit: Callable[[Unit, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the campaign (this process's shard) into ``out``; returns counts and writes
+    them with the machine to ``out/run_rankR.json``; the last shard to finish writes the report.
+
+    ``on_unit(unit, n_computed)`` is called after each stored unit (progress hooks, tests).
+    """
+    out = Path(out)
+    rank, world, local_rank = shard_from_env(shard)
+    if c.config["threads"]:
+        torch.set_num_threads(int(c.config["threads"]))
+    dev = pick_device(device or c.config["device"])
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    store = _open_store(c, out, rank, fresh)
+    try:
+        # Everything that can fail on bad input fails here, before the first attack.
+        targets, data = _targets(c, dev), _Data(c)
+        for t, _ in targets:
+            data.get(t.model.spec.input_size, CLEAN)
+        units = plan_units(c)
+        mine = [u for i, u in enumerate(units) if i % world == rank]
+        done = store.done_units(d.label for d in c.defences)
+        todo = [u for u in mine if u.key(targets[u.model_index][1]) not in done]
+        log.info("campaign %s: %d units, shard %d/%d has %d, %d already stored, %d to run",
+                 c.config["name"], len(units), rank, world, len(mine), len(mine) - len(todo), len(todo))
+        computed = _run_units(c, store, todo, targets, data, (rank, world), progress and rank == 0, on_unit)
+        summary = {"units": len(units), "shard_units": len(mine), "computed": computed,
+                   "skipped": len(mine) - len(todo), "rows": store.count(), "rank": rank, "world": world}
+        status = store.shard_status()
+        if all(status.get(r) == "done" for r in range(world)):  # the last shard to finish writes the report
+            files = report_campaign(c, out, store, [m for _, m in targets])
+            summary["report"] = {k: str(v) for k, v in files.items()}
+        else:
+            log.info("shards %s still running; the last one to finish writes the report",
+                     [r for r in range(world) if status.get(r) != "done"])
+    finally:
+        store.close()
+    summary["machine"] = machine_info()
+    write_json(out / f"run_rank{rank}.json", summary)
+    return summary
+
+
+def _run_units(c: Campaign, store: ResultStore, todo: list[Unit], targets: list[tuple[Target, str]], data: _Data,
+               shard: tuple[int, int], progress: bool, on_unit: Callable[[Unit, int], None] | None) -> int:
+    """Compute and store ``todo`` in order (one transaction per unit); returns how many were stored.
+    The shard is marked running, then done, or failed if anything (even ^C) interrupts it."""
+    rank, world = shard
+    meters: dict[int, RuntimeMeter] = {}
     computed = 0
-    prog = _progress(progress and rank == 0)
     store.mark_shard(rank, world, "running")
     try:
-        with prog:
-            task = prog.add_task(f"campaign {c.config['name']}", total=sum(u.stop - u.start for u in todo))
+        with Bars(progress, unit="images") as bars:
+            task = bars.add(f"campaign {c.config['name']}", sum(u.stop - u.start for u in todo))
             for u in todo:
                 t, mid = targets[u.model_index]
                 if u.model_index not in meters:
                     meters[u.model_index] = RuntimeMeter(t.bundle)
-                p = u.point
-                imgs, labels = data.get(t.model.spec.input_size, p.corruption, p.severity)
+                imgs, labels, point = data.get(t.model.spec.input_size, u.point)
                 sl = slice(u.start, min(u.stop, len(imgs)))
                 if sl.start >= sl.stop:
                     continue
-                pert = Perturbation(attack=p.attack) if p.attack else Perturbation(corruption=p.corruption,
-                                                                                   severity=p.severity)
-                if p.corruption is not None and c.corruption_source != "generate":
-                    pert = Perturbation(attack=AttackConfig(name="clean", eps=0.0))  # pre-corrupted on disk
                 ukey = u.key(mid)
-                res = evaluate_point(t, meters[u.model_index], imgs[sl], labels[sl], pert, c.defences,
+                res = evaluate_point(t, meters[u.model_index], imgs[sl], labels[sl], point, c.defences,
                                      seed=_unit_seed(c.config["seed"], ukey), indices=np.arange(sl.start, sl.stop),
-                                     batch=c.config["batch"],
-                                     progress=lambda n, _task=task: prog.advance(_task, n))
+                                     batch=c.config["batch"], progress=lambda n: bars.advance(task, n))
                 store.write_unit(_rows(ukey, mid, t, u, res, rank))
                 computed += 1
                 if on_unit is not None:
@@ -547,25 +560,27 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
         store.mark_shard(rank, world, "done")
     except BaseException:
         store.mark_shard(rank, world, "failed")
-        store.close()
         raise
-    summary = {"units": len(units), "shard_units": len(mine), "computed": computed,
-               "skipped": len(mine) - len(todo), "rows": store.count(), "rank": rank, "world": world}
-    status = store.shard_status()
-    if all(status.get(r) == "done" for r in range(world)):  # the last shard to finish writes the report
-        from splitbits.attacks.report import write_report
+    return computed
 
-        files = write_report(store, out, title=c.config["name"], points=current_points(c, [m for _, m in targets]),
-                             defences={d.label for d in c.defences})
-        summary["report"] = {k: str(v) for k, v in files.items()}
+
+def report_campaign(c: Campaign, out: str | os.PathLike, store: ResultStore | None = None,
+                    model_ids: list[str] | None = None) -> dict[str, Path]:
+    """Write ``out/report.{md,html,json}`` and the plots for this config's points and defences from
+    the stored rows (``store``, else ``out/results.sqlite``, which must exist)."""
+    if store is None:
+        db = Path(out) / DB_NAME
+        if not db.is_file():
+            raise CampaignError(f"no results in {out} (nothing to report)")
+        with contextlib.closing(ResultStore(db)) as st:
+            rows = st.rows()
     else:
-        waiting = [r for r in range(world) if status.get(r) != "done"]
-        log.info("shards %s still running; the last one to finish writes the report", waiting)
-    store.close()
-    return summary
+        rows = store.rows()
+    return write_report(rows, out, title=c.config["name"], points=current_points(c, model_ids),
+                        defences={d.label for d in c.defences})
 
 
-def _rows(ukey: str, mid: str, t: Any, u: Unit, res: Any, rank: int) -> list[dict[str, Any]]:
+def _rows(ukey: str, mid: str, t: Target, u: Unit, res: PointResult, rank: int) -> list[dict[str, Any]]:
     rows = []
     p = u.point
     att = res.attack
@@ -584,17 +599,3 @@ def _rows(ukey: str, mid: str, t: Any, u: Unit, res: Any, rank: int) -> list[dic
             "data": json.dumps(data), "rank": rank, "created": time.time(),
         })
     return rows
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)

@@ -1,9 +1,13 @@
-"""``splitbits attack`` (one point) and ``splitbits campaign`` (a grid). Standard library only at import."""
+"""The CLI of the attacks package: ``splitbits attack`` (one point), ``campaign`` (a grid), ``demo``
+and ``bench attack``. Standard library and ``splitbits.runtime.cli`` only at import."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+from typing import Any
 
 from splitbits.runtime.cli import (
     CliError,
@@ -50,6 +54,28 @@ Writes OUT/report.md, report.html, report.json and PNG plots (bytes vs ε, accur
 corruption and severity). See attacks/campaigns/example.yaml for every key.
 """
 
+DEMO_DESCRIPTION = """\
+The whole pipeline on the builtin dataset: train the tiny teacher and split student (reusing cached
+checkpoints whose config is unchanged), export a verified bundle, push every validation image through
+edge encode -> packet -> server decode on ONNX Runtime, and write report.json, report.md and plots
+(accuracy, bytes per image real vs estimated vs JPEG q75, latency per stage).
+"""
+
+BENCH_ATTACK_DESCRIPTION = """\
+``splitbits bench attack``: batched PGD-E vs per-image loops with the same settings, in one run.
+
+Three implementations of the same attack (``--steps`` PGD steps, ``--eot`` noise samples per step):
+
+* ``batched``: ``--batch`` images at once, the EOT samples of all of them in one forward/backward
+  (what ``splitbits attack`` and campaigns use);
+* ``per_image``: one image at a time, its EOT samples still batched;
+* ``per_image_sequential_eot``: one image at a time and one EOT sample per forward/backward,
+  gradients accumulated (the straightforward reference-style loop).
+
+Images/s of each and the speedups of ``batched`` over the two loops go to stdout and ``--json``,
+together with the machine's load average and thread count (timings on a shared CPU vary).
+"""
+
 
 def _attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="bundle directory or checkpoint (.pt)")
@@ -93,10 +119,92 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _threat_point(args: argparse.Namespace) -> Any:
+    """The threat options as a ``ThreatPoint`` (checked; no work yet)."""
+    from splitbits.attacks.threats import AttackConfig, ThreatPoint, check_threat, parse_eps
+    from splitbits.runtime.corruptions import CORRUPTIONS
+
+    name = args.attack
+    if name == "corruption" or name in CORRUPTIONS:
+        corr = args.corruption or (name if name in CORRUPTIONS else None)
+        if corr is None:
+            raise CliError(f"--attack corruption needs --corruption NAME ({', '.join(CORRUPTIONS)})")
+        return ThreatPoint(corruption=corr, severity=args.severity)
+    check_threat(name)
+    eps = 0.0 if name == "clean" else parse_eps(args.eps, args.eps_unit)
+    terms = tuple(t.strip() for t in args.terms.split(",") if t.strip())
+    return ThreatPoint(attack=AttackConfig(
+        name=name, eps=eps, steps=args.steps, step_size=args.step_size, eot=args.eot,
+        random_start=not args.no_random_start, terms=terms, quant=args.quant, band=args.band,
+        through=args.through, through_grad=args.through_grad))
+
+
+def _defences(specs: list[str]) -> list[Any]:
+    """``none`` and each ``--defence`` (``NAME,NAME`` or one ``NAME:KEY=VALUE,...``) once, as DefenceConfigs."""
+    from splitbits.attacks.defence import DefenceConfig
+
+    out = [DefenceConfig(name="none")]
+    for s in specs:
+        for part in [s] if ":" in s else s.split(","):
+            try:
+                d = DefenceConfig.parse(part.strip())
+            except (ValueError, TypeError) as exc:
+                raise CliError(f"--defence {part!r}: {exc}") from None
+            if d.label not in [o.label for o in out]:
+                out.append(d)
+    return out
+
+
 def _attack_run(args: argparse.Namespace) -> int:
     with needs_extra("attacks"):
-        from splitbits.attacks.actions import attack_command
-    return attack_command(args)
+        import numpy as np
+        import torch
+
+        from splitbits.attacks.runner import attack_point, machine_info, pick_device, resolve_target
+        from splitbits.runtime.datasets import load_arrays
+        from splitbits.runtime.report import write_json
+
+    point, defences = _threat_point(args), _defences(args.defence)  # everything is checked before any work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = pick_device(args.device)
+    target = resolve_target(args.target, checkpoint=args.checkpoint, bundle=args.bundle, device=dev)
+    images, labels = load_arrays(args.dataset, args.split, args.image_size or target.model.spec.input_size,
+                                 args.limit)
+    run, attacked = attack_point(target, images, labels, point, defences, seed=args.seed, batch=args.batch,
+                                 progress=not args.no_progress)
+    _print_attack(run, f"{target.name} ({target.family}, β={target.beta}) — {len(images)} images of "
+                       f"{args.dataset} {args.split}")
+    if args.json:
+        dataset = {"spec": args.dataset, "split": args.split, "images": len(images)}
+        write_json(args.json, {"target": run.pop("target"), "dataset": dataset, **run, "device": str(dev),
+                               "machine": machine_info()})
+        print(f"wrote {args.json}")
+    if args.save_inputs:
+        path = Path(args.save_inputs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, images=attacked, labels=labels, clean_images=images, threat=point.threat,
+                            level=point.level)
+        print(f"wrote {path} ({len(images)} attacked uint8 images)")
+    return 0
+
+
+def _print_attack(run: dict[str, Any], title: str) -> None:
+    """The table of ``attack_point``'s results (clean, then attacked, each per defence) and its checks."""
+    from splitbits.runtime.report import rich_table
+
+    rows = []
+    for which, name in (("clean", "clean"), ("attacked", f"{run['threat']} {run['level']}")):
+        for label, s in run["results"][which].items():
+            rows.append([name, label, s["bytes_mean"], f"{s['delta_bytes_pct']:+.1f}", s["surrogate_bytes_mean"],
+                         100 * s["top1"], f"{s['delta_top1_pt']:+.1f}", s["edge_ms_p50"], s["defence_ms"]])
+    rich_table(title, ["input", "defence", "bytes", "Δ %", "surrogate B", "top-1 %", "Δ top-1 pt", "edge ms p50",
+                       "defence ms/img"], rows)
+    checks = run["checks"]
+    if checks:
+        print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items() if not k.startswith("objective_")))
+        if checks.get("loss_rose") is False or checks.get("real_bytes_rose") is False:
+            print("warning: the attack did not raise its objective / the real bytes on these images")
 
 
 def _campaign_args(p: argparse.ArgumentParser) -> None:
@@ -113,28 +221,30 @@ def _campaign_args(p: argparse.ArgumentParser) -> None:
 
 def _campaign_run(args: argparse.Namespace) -> int:
     with needs_extra("attacks"):
-        from splitbits.attacks.actions import campaign_command
-    return campaign_command(args)
+        from splitbits.attacks.campaign import load_campaign, output_dir, plan_units, report_campaign, run_campaign
+
+    c = load_campaign(args.config)
+    out = output_dir(c, args.out)
+    if args.report_only:
+        files = report_campaign(c, out)
+        print(f"wrote {files['markdown']} and {files['html']}")
+        return 0
+    if args.dry_run:
+        print(f"{c.config['name']}: {len(c.models)} model(s) × {len(c.points)} points × "
+              f"{len(c.defences)} defence(s); {len(plan_units(c))} units of ≤{c.config['chunk']} images → {out}")
+        for p in c.points:
+            print(f"  {p.threat:14s} {p.level}")
+        return 0
+    summary = run_campaign(c, out, fresh=args.fresh, shard=args.shard, device=args.device,
+                           progress=not args.no_progress)
+    print(f"campaign {c.config['name']}: computed {summary['computed']} units, skipped {summary['skipped']} "
+          f"(stored), {summary['rows']} rows in {out / 'results.sqlite'}")
+    if "report" in summary:
+        print(f"report: {summary['report']['markdown']}, {summary['report']['html']}")
+    return 0
 
 
-
-BENCH_ATTACK_DESCRIPTION = """\
-``splitbits bench attack``: batched PGD-E vs per-image loops with the same settings, in one run.
-
-Three implementations of the same attack (``--steps`` PGD steps, ``--eot`` noise samples per step):
-
-* ``batched``: ``--batch`` images at once, the EOT samples of all of them in one forward/backward
-  (what ``splitbits attack`` and campaigns use);
-* ``per_image``: one image at a time, its EOT samples still batched;
-* ``per_image_sequential_eot``: one image at a time and one EOT sample per forward/backward,
-  gradients accumulated (the straightforward reference-style loop).
-
-Images/s of each and the speedups of ``batched`` over the two loops go to stdout and ``--json``,
-together with the machine's load average and thread count (timings on a shared CPU vary).
-"""
-
-
-def add_bench_attack_arguments(p: argparse.ArgumentParser) -> None:
+def _bench_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="student checkpoint (default: an untrained tiny MSHP model; speed does not depend on weights)")
     p.add_argument("--images", type=positive_int, default=64, help="images attacked by the batched implementation")
@@ -149,13 +259,36 @@ def add_bench_attack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the results as JSON")
 
 
-def run_bench_attack(args: argparse.Namespace) -> int:
-    from splitbits.attacks.bench import main
+def _bench_attack_run(args: argparse.Namespace) -> int:
+    with needs_extra("attacks"):
+        import torch
 
-    return int(main(args) or 0)
+        from splitbits.attacks.bench import run_bench
+        from splitbits.attacks.runner import pick_device
+        from splitbits.runtime.report import rich_table, write_json
+
+    torch.set_num_threads(args.threads)
+    res = run_bench(args.checkpoint, pick_device(args.device), images=args.images, loop_images=args.loop_images,
+                    batch=args.batch, steps=args.steps, eot=args.eot, eps=args.eps,
+                    sequential=not args.skip_sequential)
+    rows = [(k, res[k]["images"], res[k]["seconds"], res[k]["images_per_s"], res[k]["rate_attacked_bits"])
+            for k in ("batched", "per_image", "per_image_sequential_eot") if k in res]
+    rich_table(f"PGD-E throughput ({args.steps} steps, EOT {args.eot}, {res['settings']['device']}, "
+               f"load {res['machine']['loadavg_1_5_15']})",
+               ["implementation", "images", "s", "images/s", "attacked bits"], rows)
+    line = f"speedup batched vs per-image: {res['speedup_vs_per_image']:.1f}×"
+    if "speedup_vs_per_image_sequential_eot" in res:
+        line += f"; vs per-image sequential EOT: {res['speedup_vs_per_image_sequential_eot']:.1f}×"
+    print(line)
+    if args.json:
+        write_json(args.json, res)
+    else:
+        json.dump(res, sys.stdout, indent=1)
+        print()
+    return 0
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (checkpoints are cached here)")
     p.add_argument("--family", choices=["mshp", "fp"], default="mshp", help="entropy model of the student")
     p.add_argument("--fresh", action="store_true", help="retrain even if cached checkpoints match the config")
@@ -171,33 +304,26 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a key of the tiny_<family> student config, e.g. student.beta=0.32")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def _demo_run(args: argparse.Namespace) -> int:
     with needs_extra("attacks"):
-        from splitbits.attacks.demo import run_demo as demo
-    r = demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
+        from splitbits.attacks.demo import run_demo
+
+    run_demo(args.out, family=args.family, fresh=args.fresh, limit=args.limit, attacks=not args.no_attacks,
              progress=not args.no_progress, teacher_overrides=tuple(args.teacher_set),
              student_overrides=tuple(args.student_set), hyper=args.hyper)
     print(f"report: {Path(args.out) / 'report.md'}  (and report.json, bytes.png, latency.png, accuracy.png)")
-    return 0 if r else 1
+    return 0
+
 
 COMMANDS = {
     "demo": Command(
         "train, export, run and report on the builtin dataset (what `make demo` runs)",
-        add_demo_arguments, run_demo,
-        description="The whole pipeline on the builtin dataset: train the tiny teacher and split student "
-        "(reusing cached checkpoints whose config is unchanged), export a verified bundle, push every "
-        "validation image through edge encode -> packet -> server decode on ONNX Runtime, and write "
-        "report.json, report.md and plots (accuracy, bytes per image real vs estimated vs JPEG q75, "
-        "latency per stage).",
+        _demo_args, _demo_run, description=DEMO_DESCRIPTION,
     ),
     "attack": Command("attack/corrupt one point and measure real packet bytes, accuracy and latency",
                       _attack_args, _attack_run, description=ATTACK_DESCRIPTION),
     "campaign": Command("run a resumable, shardable attack/corruption/defence grid from a YAML config",
                         _campaign_args, _campaign_run, description=CAMPAIGN_DESCRIPTION),
-    "bench.attack": Command(
-        "batched vs per-image attack throughput (images/s)",
-        add_bench_attack_arguments, run_bench_attack, description=BENCH_ATTACK_DESCRIPTION,
-    ),
+    "bench.attack": Command("batched vs per-image attack throughput (images/s)",
+                            _bench_attack_args, _bench_attack_run, description=BENCH_ATTACK_DESCRIPTION),
 }
-
-__all__ = ["COMMANDS", "CliError"]

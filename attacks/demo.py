@@ -19,9 +19,7 @@ attacks).
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,16 +29,75 @@ import numpy as np
 import torch
 
 from splitbits.attacks.defence import DefenceConfig
-from splitbits.attacks.runner import Perturbation, RuntimeMeter, Target, evaluate_point
-from splitbits.attacks.threats import AttackConfig
-from splitbits.runtime.datasets import open_dataset
+from splitbits.attacks.runner import RuntimeMeter, Target, evaluate_point, machine_info, to_tensor
+from splitbits.attacks.threats import CLEAN, AttackConfig, ThreatPoint
+from splitbits.runtime import packet as pkt
+from splitbits.runtime.datasets import jpeg_size, load_arrays
 from splitbits.runtime.pipeline import EdgeEncoder, IntHyper, ServerDecoder
+from splitbits.runtime.progress import progress_bar
 from splitbits.runtime.report import md_table, pyplot, rich_table, save, summary, write_json
 
 log = logging.getLogger(__name__)
 
 EDGE_STAGES = ("preprocess", "head", "quantize", "hyper", "encode", "packet")
 SERVER_STAGES = ("parse", "decode", "hyper", "tail")
+
+# the attack section: a short campaign on an evenly spaced subsample
+DEMO_IMAGES = 48
+DEMO_STEPS = 10
+DEMO_EOT = 4
+DEMO_EPS = 8 / 255
+CORRUPTIONS = (("shot_noise", 3), ("contrast", 3))
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = False, limit: int | None = None,
+             attacks: bool = True, progress: bool = True, teacher_overrides: tuple[str, ...] = (),
+             student_overrides: tuple[str, ...] = (), hyper: str = "auto") -> dict[str, Any]:
+    """The whole demo; returns the report dict (also written to ``out/report.json``).
+
+    ``hyper`` picks the MSHP hyper path of the edge encoder (``auto``: the bundle's integer path)."""
+    from splitbits.export.bundle import export_bundle
+    from splitbits.trainer.checkpoint import load_model
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    teacher_ckpt, student_ckpt, train_info = train_models(out, family, fresh, progress, tuple(teacher_overrides),
+                                                          tuple(student_overrides))
+    teacher, _ = load_model(teacher_ckpt)
+    student, _ = load_model(student_ckpt)
+    bundle_dir = out / f"bundle_{family}"
+    exp = export_bundle(student, bundle_dir, overwrite=True, source=str(student_ckpt))
+
+    images, labels = load_arrays("builtin", "val", student.spec.input_size, limit)
+    tor = evaluate_torch(teacher, student, images, labels)
+    run = evaluate_runtime(bundle_dir, images, labels, student, progress=progress, hyper=hyper)
+    run["estimated_bytes"] = [b / 8 for b in tor["estimated_bits"]]
+    run["jpeg_bytes"] = [jpeg_size(im) for im in images]
+    acc = {"teacher (torch)": tor["teacher_top1"], "student (torch)": tor["student_torch_top1"],
+           "student (runtime, packets)": run["top1"]}
+    report: dict[str, Any] = {
+        "dataset": {"name": "builtin", "split": "val", "images": len(images), "image_size": int(images.shape[1])},
+        "family": family, "bundle": str(bundle_dir), "bundle_fingerprint": exp.manifest["fingerprint"],
+        "accuracy": acc, "bytes": _bytes(run),
+        "top1_agree_with_compressai_path": f"{run['top1_agree_with_compressai_path']}/{len(images)}",
+        "latency_ms": _latency(run), "coder": run["coder"], "hyper": run["hyper"], "backend": run["backend"],
+        "export_verification": exp.verification.to_dict(), "training": dict(train_info), "machine": machine_info(),
+        "plots": _plots(out, run, acc),
+    }
+    if attacks:
+        report["attacks"] = attack_section(student, bundle_dir, images, labels, out, progress=progress)
+    report["wall_s"] = time.perf_counter() - t0
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    _print(report)
+    return report
 
 
 def _reusable(ckpt: Path, config: dict[str, Any], ignore: tuple[str, ...] = ()) -> bool:
@@ -93,21 +150,14 @@ def train_models(out: Path, family: str, fresh: bool, progress: bool, teacher_ov
     return teacher, student, info
 
 
-def jpeg_bytes(img: np.ndarray, quality: int = 75) -> int:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-    return buf.tell()
-
-
 @torch.no_grad()
-def evaluate_torch(teacher, student, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> dict[str, Any]:
+def evaluate_torch(teacher: Any, student: Any, images: np.ndarray, labels: np.ndarray,
+                   batch: int = 256) -> dict[str, Any]:
     """Teacher/student top-1 and the model's likelihood estimate of each image's bits."""
     t_ok = s_ok = 0
     est_bits: list[float] = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch].transpose(0, 3, 1, 2).copy()).float() / 255
+        x = to_tensor(images[i:i + batch])
         y = torch.from_numpy(labels[i:i + batch])
         t_ok += int((teacher(x).argmax(1) == y).sum())
         out = student.forward_train(x, noise=False)
@@ -118,39 +168,38 @@ def evaluate_torch(teacher, student, images: np.ndarray, labels: np.ndarray, bat
     return {"teacher_top1": t_ok / n, "student_torch_top1": s_ok / n, "estimated_bits": est_bits}
 
 
-def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, student, warmup: int = 5,
+def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, student: Any, warmup: int = 5,
                      progress: bool = True, hyper: str = "auto") -> dict[str, Any]:
-    """Every image through EdgeEncoder → packet → ServerDecoder (ONNX Runtime), one at a time."""
+    """Every image through EdgeEncoder → packet → ServerDecoder (ONNX Runtime), one at a time, beside
+    the torch compress → decompress path of the same image."""
     enc, dec = EdgeEncoder(bundle, "onnxruntime", hyper=hyper), ServerDecoder(bundle, "onnxruntime")
     for img in images[:warmup]:
         dec.decode(enc.encode(img))
     packet_bytes, ideal, edge_t, server_t, ref_bytes = [], [], [], [], []
     correct = agree = 0
-    from rich.progress import track
-
-    it = track(range(len(images)), description="edge → packet → server", disable=not progress)
-    for i in it:
-        res = enc.analyze(images[i])
-        d = dec.decode_full(res.packet)
-        top1 = int(d.logits.argmax())
-        correct += int(top1 == labels[i])
-        packet_bytes.append(len(res.packet))
-        ideal.append(sum(res.ideal_bits.values()) / 8)
-        edge_t.append(res.timings_ms)
-        server_t.append(d.timings_ms)
-        x = torch.from_numpy(images[i:i + 1].transpose(0, 3, 1, 2).copy()).float() / 255
-        ref = student.compress_reference(x)
-        ref_bytes.append(sum(len(s) for strings in ref["strings"] for s in strings))
-        ref_logits = student.decompress_reference(ref["strings"], ref["shape"])
-        agree += int(ref_logits.argmax(1).item() == top1)
-    header = len(res.packet) - sum(len(b) for b in _blobs(dec, res.packet))
+    with progress_bar(len(images), "edge → packet → server", disabled=not progress) as bar:
+        for i in range(len(images)):
+            res = enc.analyze(images[i])
+            d = dec.decode_full(res.packet)
+            top1 = int(d.logits.argmax())
+            correct += int(top1 == labels[i])
+            packet_bytes.append(len(res.packet))
+            ideal.append(sum(res.ideal_bits.values()) / 8)
+            edge_t.append(res.timings_ms)
+            server_t.append(d.timings_ms)
+            ref = student.compress_reference(to_tensor(images[i:i + 1]))
+            ref_bytes.append(sum(len(s) for strings in ref["strings"] for s in strings))
+            ref_logits = student.decompress_reference(ref["strings"], ref["shape"])
+            agree += int(ref_logits.argmax(1).item() == top1)
+            bar.advance()
+    blobs = pkt.parse(res.packet, dec.expect).blobs
     return {
         "top1": correct / len(images),
         "top1_agree_with_compressai_path": agree,
         "packet_bytes": packet_bytes,
         "ideal_bytes": ideal,
         "compressai_bytes": ref_bytes,
-        "header_bytes": header,
+        "header_bytes": len(res.packet) - sum(len(b) for b in blobs),
         "edge_ms": {s: [t.get(s, 0.0) for t in edge_t] for s in EDGE_STAGES if any(s in t for t in edge_t)},
         "server_ms": {s: [t.get(s, 0.0) for t in server_t] for s in SERVER_STAGES if any(s in t for t in server_t)},
         "coder": enc.coder.name,
@@ -159,13 +208,40 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
     }
 
 
-def _blobs(dec: ServerDecoder, packet: bytes):
-    from splitbits.runtime import packet as pkt
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
 
-    return pkt.parse(packet, dec.expect).blobs
+
+def _bytes(run: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per image: real packets and their payload beside the estimates, compressai and JPEG q75."""
+    pb, cb = np.asarray(run["packet_bytes"]), np.asarray(run["compressai_bytes"])
+    payload = pb - run["header_bytes"]
+    return {
+        "real_packet": summary(pb),
+        "payload": summary(payload),
+        "estimate_likelihood": summary(run["estimated_bytes"]),
+        "ideal_under_tables": summary(run["ideal_bytes"]),
+        "compressai_strings": summary(cb),
+        "jpeg_q75": summary(run["jpeg_bytes"]),
+        "header_bytes": run["header_bytes"],
+        "payload_vs_compressai": {"mean_ratio": float(payload.sum() / cb.sum()),
+                                  "max_excess_bytes": int((payload - cb).max()),
+                                  "within_1pct_16B": bool(((payload <= cb * 1.01 + 16)).all())},
+        "packets_smaller_than_jpeg": float((pb < np.asarray(run["jpeg_bytes"])).mean()),
+    }
+
+
+def _latency(run: dict[str, Any]) -> dict[str, Any]:
+    """Percentiles per stage and of the edge and server totals (ms)."""
+    return {"edge": {k: summary(v) for k, v in run["edge_ms"].items()},
+            "server": {k: summary(v) for k, v in run["server_ms"].items()},
+            "edge_total": summary(np.sum(list(run["edge_ms"].values()), axis=0)),
+            "server_total": summary(np.sum(list(run["server_ms"].values()), axis=0))}
 
 
 def _plots(out: Path, r: dict[str, Any], acc: dict[str, float]) -> dict[str, str]:
+    """bytes.png, latency.png and accuracy.png in ``out``; returns their file names by key."""
     plt = pyplot()
     files = {}
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -209,83 +285,8 @@ def _plots(out: Path, r: dict[str, Any], acc: dict[str, float]) -> dict[str, str
     return files
 
 
-def run_demo(out: str | Path = "runs/demo", family: str = "mshp", fresh: bool = False, limit: int | None = None,
-             attacks: bool = True, progress: bool = True, teacher_overrides: tuple[str, ...] = (),
-             student_overrides: tuple[str, ...] = (), hyper: str = "auto") -> dict[str, Any]:
-    """The whole demo; returns the report dict (also written to ``out/report.json``).
-
-    ``hyper`` picks the MSHP hyper path of the edge encoder (``auto``: the bundle's integer path)."""
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    teacher_ckpt, student_ckpt, train_info = train_models(out, family, fresh, progress, tuple(teacher_overrides),
-                                                          tuple(student_overrides))
-
-    from splitbits.export.bundle import export_bundle
-    from splitbits.trainer.checkpoint import load_model
-
-    teacher, _ = load_model(teacher_ckpt)
-    student, _ = load_model(student_ckpt)
-    bundle_dir = out / f"bundle_{family}"
-    exp = export_bundle(student, bundle_dir, overwrite=True, source=str(student_ckpt))
-
-    ds = open_dataset("builtin", split="val", image_size=student.spec.input_size, limit=limit)
-    images = np.stack([ds[i][0] for i in range(len(ds))])
-    labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
-    tor = evaluate_torch(teacher, student, images, labels)
-    run = evaluate_runtime(bundle_dir, images, labels, student, progress=progress, hyper=hyper)
-    run["estimated_bytes"] = [b / 8 for b in tor["estimated_bits"]]
-    run["jpeg_bytes"] = [jpeg_bytes(im) for im in images]
-
-    acc = {"teacher (torch)": tor["teacher_top1"], "student (torch)": tor["student_torch_top1"],
-           "student (runtime, packets)": run["top1"]}
-    pb, cb = np.asarray(run["packet_bytes"]), np.asarray(run["compressai_bytes"])
-    payload = pb - run["header_bytes"]
-    report: dict[str, Any] = {
-        "dataset": {"name": "builtin", "split": "val", "images": len(images), "image_size": int(images.shape[1])},
-        "family": family,
-        "bundle": str(bundle_dir),
-        "bundle_fingerprint": exp.manifest["fingerprint"],
-        "accuracy": acc,
-        "bytes": {
-            "real_packet": summary(pb),
-            "payload": summary(payload),
-            "estimate_likelihood": summary(run["estimated_bytes"]),
-            "ideal_under_tables": summary(run["ideal_bytes"]),
-            "compressai_strings": summary(cb),
-            "jpeg_q75": summary(run["jpeg_bytes"]),
-            "header_bytes": run["header_bytes"],
-            "payload_vs_compressai": {"mean_ratio": float(payload.sum() / cb.sum()),
-                                      "max_excess_bytes": int((payload - cb).max()),
-                                      "within_1pct_16B": bool(((payload <= cb * 1.01 + 16)).all())},
-            "packets_smaller_than_jpeg": float((pb < np.asarray(run["jpeg_bytes"])).mean()),
-        },
-        "top1_agree_with_compressai_path": f"{run['top1_agree_with_compressai_path']}/{len(images)}",
-        "latency_ms": {"edge": {k: summary(v) for k, v in run["edge_ms"].items()},
-                       "server": {k: summary(v) for k, v in run["server_ms"].items()},
-                       "edge_total": summary(np.sum(list(run["edge_ms"].values()), axis=0)),
-                       "server_total": summary(np.sum(list(run["server_ms"].values()), axis=0))},
-        "coder": run["coder"],
-        "hyper": run["hyper"],
-        "backend": run["backend"],
-        "export_verification": exp.verification.to_dict(),
-        "training": {k: v for k, v in train_info.items()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
-    }
-    report["plots"] = _plots(out, {**run}, acc)
-
-    if attacks:
-        report["attacks"] = attack_section(student, bundle_dir, images, labels, out, progress=progress)
-    report["wall_s"] = time.perf_counter() - t0
-    write_json(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
-    _print(report)
-    return report
-
-
 def render_markdown(r: dict[str, Any]) -> str:
+    """``report.md`` of a demo report."""
     b, lat = r["bytes"], r["latency_ms"]
     lines = [
         f"# splitbits demo — tiny {r['family'].upper()} student on builtin",
@@ -338,6 +339,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def _print(r: dict[str, Any]) -> None:
+    """The headline figures on the terminal."""
     b = r["bytes"]
     rows = [(k, f"{100 * v:.1f} %") for k, v in r["accuracy"].items()]
     rows += [(f"bytes/image {name} (mean / median / p90)",
@@ -351,15 +353,14 @@ def _print(r: dict[str, Any]) -> None:
     rich_table(f"splitbits demo ({r['dataset']['images']} builtin val images, {r['family']})", ["", "value"], rows)
 
 
-DEMO_IMAGES = 48
-DEMO_STEPS = 10
-DEMO_EOT = 4
-DEMO_EPS = 8 / 255
-CORRUPTIONS = (("shot_noise", 3), ("contrast", 3))
+# --------------------------------------------------------------------------------------------
+# The attack section
+# --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without parameter gradients for the block; both restored after."""
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval()
@@ -385,40 +386,9 @@ def attack_section(student: Any, bundle_dir: str | Path, images: np.ndarray, lab
                    eot: int = DEMO_EOT) -> dict[str, Any]:
     """Run the short attack/defence/corruption study; returns a JSON-able dict with a ``markdown`` key."""
     t0 = time.perf_counter()
-    out = Path(out)
     idx = _subsample(labels, n_images)
-    imgs, labs = images[idx], labels[idx]
-    defences = [DefenceConfig(name="none"), DefenceConfig(name="oatv")]
-    points: list[tuple[str, Perturbation]] = [
-        ("clean", Perturbation(attack=AttackConfig(name="clean", eps=0.0))),
-        ("PGD-E ε=8/255", Perturbation(attack=AttackConfig(name="pgd-e", eps=DEMO_EPS, steps=steps, eot=eot))),
-        ("PGD-Acc ε=8/255", Perturbation(attack=AttackConfig(name="pgd-acc", eps=DEMO_EPS, steps=steps, eot=1))),
-        ("noise ±8/255", Perturbation(attack=AttackConfig(name="noise", eps=DEMO_EPS))),
-        *[(f"{c} (severity {s})", Perturbation(corruption=c, severity=s)) for c, s in CORRUPTIONS],
-    ]
-    meter = RuntimeMeter(bundle_dir)
-    target = Target(student, Path(bundle_dir), None, student.family, None, "demo student")
-    rows: list[dict[str, Any]] = []
-    from rich.progress import Progress
-
-    with _frozen(student), Progress(disable=not progress) as prog:
-        task = prog.add_task("attacks/defence/corruptions", total=len(points) * len(imgs))
-        for name, pert in points:
-            r = evaluate_point(target, meter, imgs, labs, pert, defences, seed=0, indices=idx,
-                               batch=len(imgs), progress=lambda n: prog.advance(task, n))
-            row: dict[str, Any] = {"input": name, "threat": pert.threat, "level": pert.level,
-                                   "objective_rose": r.attack.get("loss_rose")}
-            for label, m in r.defended.items():
-                s = m.summary(labs)
-                row[label] = {"bytes": s["bytes_mean"], "surrogate_bytes": s["surrogate_bytes_mean"],
-                              "top1": s["top1"], "defence_ms": s["defence_ms"]}
-            rows.append(row)
-    clean = rows[0]["none"]
-    for row in rows:
-        for label in ("none", "oatv"):
-            row[label]["delta_pct"] = 100.0 * (row[label]["bytes"] / clean["bytes"] - 1.0)
-            row[label]["delta_top1_pt"] = 100.0 * (row[label]["top1"] - clean["top1"])
-    png = _plot(rows, out / "attacks.png")
+    rows = _attack_rows(student, Path(bundle_dir), images[idx], labels[idx], idx, steps, eot, progress)
+    png = _attack_plot(rows, Path(out) / "attacks.png")
     seconds = time.perf_counter() - t0
     table = md_table(
         ["input", "bytes", "Δ %", "top-1 %", "+OATV bytes", "Δ % vs clean", "+OATV top-1 %"],
@@ -428,7 +398,7 @@ def attack_section(student: Any, bundle_dir: str | Path, images: np.ndarray, lab
     md = "\n".join([
         "## Attacks, corruptions and the object-aware TV defence",
         "",
-        f"{len(imgs)} validation images (evenly subsampled); real packet bytes (mean) and server top-1. "
+        f"{len(idx)} validation images (evenly subsampled); real packet bytes (mean) and server top-1. "
         f"PGD uses {steps} steps and EOT {eot} (the reference uses 20 and 16; shortened to fit the demo), "
         f"random start, step 2.5·ε/steps; PGD-Acc uses straight-through rounding. Defence: "
         f"{od.iterations} iterations, λ={od.lam}, α={od.alpha}, mask from the entropy model's likelihood "
@@ -440,11 +410,47 @@ def attack_section(student: Any, bundle_dir: str | Path, images: np.ndarray, lab
         "",
         f"(section wall time {seconds:.0f} s)",
     ])
-    return {"images": len(imgs), "steps": steps, "eot": eot, "eps": "8/255", "defence": od.to_dict(),
+    return {"images": len(idx), "steps": steps, "eot": eot, "eps": "8/255", "defence": od.to_dict(),
             "rows": rows, "plot": png.name, "seconds": seconds, "markdown": md}
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
+def _attack_rows(student: Any, bundle_dir: Path, imgs: np.ndarray, labs: np.ndarray, idx: np.ndarray, steps: int,
+                 eot: int, progress: bool) -> list[dict[str, Any]]:
+    """One row per input (clean, PGD-E, PGD-Acc, noise, the corruptions): mean real bytes, surrogate
+    bytes, top-1 and Δ against clean, without defence (``none``) and with OATV (``oatv``)."""
+    points: list[tuple[str, ThreatPoint]] = [
+        ("clean", CLEAN),
+        ("PGD-E ε=8/255", ThreatPoint(attack=AttackConfig(name="pgd-e", eps=DEMO_EPS, steps=steps, eot=eot))),
+        ("PGD-Acc ε=8/255", ThreatPoint(attack=AttackConfig(name="pgd-acc", eps=DEMO_EPS, steps=steps, eot=1))),
+        ("noise ±8/255", ThreatPoint(attack=AttackConfig(name="noise", eps=DEMO_EPS))),
+        *[(f"{c} (severity {s})", ThreatPoint(corruption=c, severity=s)) for c, s in CORRUPTIONS],
+    ]
+    defences = [DefenceConfig(name="none"), DefenceConfig(name="oatv")]
+    meter = RuntimeMeter(bundle_dir)
+    target = Target(student, bundle_dir, None, student.family, None, "demo student")
+    rows: list[dict[str, Any]] = []
+    with _frozen(student), progress_bar(len(points) * len(imgs), "attacks/defence/corruptions",
+                                        disabled=not progress) as bar:
+        for name, point in points:
+            r = evaluate_point(target, meter, imgs, labs, point, defences, seed=0, indices=idx, batch=len(imgs),
+                               progress=bar.advance)
+            row: dict[str, Any] = {"input": name, "threat": point.threat, "level": point.level,
+                                   "objective_rose": r.attack.get("loss_rose")}
+            for label, m in r.defended.items():
+                s = m.summary(labs)
+                row[label] = {"bytes": s["bytes_mean"], "surrogate_bytes": s["surrogate_bytes_mean"],
+                              "top1": s["top1"], "defence_ms": s["defence_ms"]}
+            rows.append(row)
+    clean = rows[0]["none"]
+    for row in rows:
+        for label in ("none", "oatv"):
+            row[label]["delta_pct"] = 100.0 * (row[label]["bytes"] / clean["bytes"] - 1.0)
+            row[label]["delta_top1_pt"] = 100.0 * (row[label]["top1"] - clean["top1"])
+    return rows
+
+
+def _attack_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Mean real bytes per input, without and with OATV, Δ % against clean on the bars."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     x = np.arange(len(rows))

@@ -214,21 +214,13 @@ def render(recs: list[dict[str, Any]], files: dict[str, str], title: str) -> tup
     return "\n".join(md) + "\n", page
 
 
-def write_report(store: Any, out: str | Path, title: str = "campaign",
+def write_report(rows: list[dict[str, Any]], out: str | Path, title: str = "campaign",
                  points: set[str] | None = None, defences: set[str] | None = None) -> dict[str, Path]:
-    """Aggregate ``store`` (a ResultStore or a path to results.sqlite) into out/report.{md,html,json} + PNGs.
+    """Aggregate stored result rows into out/report.{md,html,json} + PNGs.
 
     ``points``, ``defences``: see :func:`aggregate` (None: every stored row).
     """
-    from splitbits.attacks.campaign import ResultStore
-
-    own = not hasattr(store, "rows")
-    st = ResultStore(store) if own else store
-    try:
-        recs = aggregate(st.rows(), points, defences)
-    finally:
-        if own:
-            st.close()
+    recs = aggregate(rows, points, defences)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = plots(recs, out) if recs else {}

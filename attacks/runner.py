@@ -1,5 +1,9 @@
 """Evaluate one grid point: attack (or corrupt) images, optionally defend, and measure the real packets.
 
+:func:`resolve_target` pairs a checkpoint (gradients) with a bundle (real bytes); :func:`evaluate_point`
+perturbs a batch of images and measures it under every defence; :func:`attack_point` does that for
+the clean images and one perturbed version (``splitbits attack``).
+
 The numbers that matter come from the runtime: ``len(packet)`` from :class:`EdgeEncoder` and the
 top-1 of :class:`ServerDecoder` on that packet (ONNX Runtime, CPU). The surrogate −Σlog₂p/8 of the
 torch model on the *same* input is reported beside them.
@@ -11,7 +15,6 @@ rounded to the nearest uint8 level, never beyond ε (``to_uint8_within``). Defen
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -27,13 +30,15 @@ from torch import Tensor
 
 from splitbits.attacks.defence import DefenceConfig, defend_timed
 from splitbits.attacks.model_ops import rate_and_logits
-from splitbits.attacks.threats import AttackConfig, AttackConfigError, run_attack
-from splitbits.runtime.corruptions import check_corruption, corrupt
+from splitbits.attacks.threats import CLEAN, ENTROPY_THREATS, AttackConfigError, ThreatPoint, run_attack
+from splitbits.runtime.corruptions import corrupt
+from splitbits.runtime.errors import SplitbitsError
+from splitbits.runtime.progress import Bars
 
 log = logging.getLogger(__name__)
 
 
-class TargetError(ValueError):
+class TargetError(SplitbitsError, ValueError):
     """A checkpoint/bundle pair that cannot be attacked (missing, mismatched, not a split model)."""
 
 
@@ -60,14 +65,6 @@ def _cache_root() -> Path:
     return Path(os.environ.get("SPLITBITS_CACHE", Path.home() / ".cache" / "splitbits")).expanduser()
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                    bundle: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu") -> Target:
@@ -76,7 +73,7 @@ def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None
 
     The pair is checked: same model spec, and the bundle's head reproduces the torch head.
     """
-    from splitbits.runtime.bundle import MANIFEST, load_manifest
+    from splitbits.runtime.bundle import MANIFEST, load_manifest, sha256_file
     from splitbits.trainer.checkpoint import load_model
     from splitbits.trainer.models import SplitClassifier
 
@@ -108,7 +105,7 @@ def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None
         model.update_entropy_tables(force=True)
     if bundle_dir is None:
         root = Path(cache_dir).expanduser() if cache_dir else _cache_root() / "attack_bundles"
-        bundle_dir = root / _file_hash(ckpt)[:16]
+        bundle_dir = root / sha256_file(ckpt)[:16]
         if not (bundle_dir / MANIFEST).is_file():
             from splitbits.export.bundle import export_bundle
 
@@ -231,51 +228,26 @@ def to_uint8_within(x_adv: Tensor, clean: np.ndarray, eps: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Perturbation:
-    """What happens to the images: an attack or a corruption (exactly one)."""
-
-    attack: AttackConfig | None = None
-    corruption: str | None = None
-    severity: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.attack is None) == (self.corruption is None):
-            raise AttackConfigError("a grid point is either an attack or a corruption")
-        if self.corruption is not None:
-            check_corruption(self.corruption, self.severity)  # type: ignore[arg-type]
-
-    @property
-    def threat(self) -> str:
-        return self.attack.name if self.attack else "corruption"
-
-    @property
-    def level(self) -> str:
-        if self.attack:
-            return f"{self.attack.eps * 255:g}/255" if self.attack.name != "clean" else "-"
-        return f"{self.corruption}:{self.severity}"
-
-
 @dataclass
 class PointResult:
-    perturbation: Perturbation
+    point: ThreatPoint
     labels: np.ndarray
     attack: dict[str, Any]
     defended: dict[str, Measurement] = field(default_factory=dict)
     inputs: np.ndarray | None = None  # the uint8 images the edge received
 
 
-def perturb(target: Target, images: np.ndarray, labels: np.ndarray, pert: Perturbation, *, seed: int = 0,
+def perturb(target: Target, images: np.ndarray, labels: np.ndarray, point: ThreatPoint, *, seed: int = 0,
             indices: Sequence[int] | None = None, batch: int = 32, progress: Any = None) -> tuple[np.ndarray, dict]:
     """Attack or corrupt uint8 NHWC images in batches; returns (uint8 images, attack record)."""
     t0 = time.perf_counter()
-    if pert.corruption is not None:
-        out = corrupt(images, pert.corruption, int(pert.severity), seed=seed, indices=indices)  # type: ignore[arg-type]
+    if point.corruption is not None:
+        out = corrupt(images, point.corruption, int(point.severity), seed=seed, indices=indices)  # type: ignore[arg-type]
         rec = {"objective": None, "seconds": time.perf_counter() - t0}
         if progress is not None:
             progress(len(images))
         return out, rec
-    cfg = pert.attack
+    cfg = point.attack
     assert cfg is not None
     model = target.model
     dev = next(model.parameters()).device
@@ -322,23 +294,96 @@ def measure_defences(target: Target, meter: RuntimeMeter, images: np.ndarray,
     return out
 
 
-def evaluate_point(target: Target, meter: RuntimeMeter, images: np.ndarray, labels: np.ndarray, pert: Perturbation,
+def evaluate_point(target: Target, meter: RuntimeMeter, images: np.ndarray, labels: np.ndarray, point: ThreatPoint,
                    defences: Sequence[DefenceConfig], *, seed: int = 0, indices: Sequence[int] | None = None,
                    batch: int = 32, keep_inputs: bool = False, progress: Any = None) -> PointResult:
     """Perturb ``images`` then measure every defence on the result."""
     if len(images) == 0:
         raise AttackConfigError("no images to attack (empty dataset or limit)")
-    adv, rec = perturb(target, images, labels, pert, seed=seed, indices=indices, batch=batch, progress=progress)
-    res = PointResult(pert, labels, rec, measure_defences(target, meter, adv, defences))
+    adv, rec = perturb(target, images, labels, point, seed=seed, indices=indices, batch=batch, progress=progress)
+    res = PointResult(point, labels, rec, measure_defences(target, meter, adv, defences))
     if keep_inputs:
         res.inputs = adv
     return res
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:  # torch cannot parse the name
+        raise TargetError(f"--device {name}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TargetError("--device cuda requested but CUDA is not available")
+        raise TargetError(f"--device {name}: CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TargetError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def machine_info() -> dict[str, Any]:
+    """``runtime.machine.machine_info`` and torch's threads and GPU: every timing is reported with these."""
+    from splitbits.runtime.machine import machine_info as base
+
+    return {**base(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------------------------
+# One point against clean (``splitbits attack``)
+# --------------------------------------------------------------------------------------------
+
+
+def attack_point(target: Target, images: np.ndarray, labels: np.ndarray, point: ThreatPoint,
+                 defences: Sequence[DefenceConfig], *, seed: int = 0, batch: int = 32,
+                 progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    """The clean images and their ``point`` version, each under every defence (``none`` first).
+
+    Returns the report of ``splitbits attack`` (summaries per defence with Δ against clean without
+    defence, per-image values, the attack's record and checks) and the perturbed uint8 images.
+    """
+    meter = RuntimeMeter(target.bundle)
+    t0 = time.perf_counter()
+    runs = []
+    with Bars(progress, unit="images") as bars:
+        for name, p in (("clean", CLEAN), (f"{point.threat} {point.level}", point)):
+            task = bars.add(name, len(images))
+            runs.append(evaluate_point(target, meter, images, labels, p, defences, seed=seed,
+                                       indices=np.arange(len(images)), batch=batch, keep_inputs=True,
+                                       progress=lambda n, _t=task: bars.advance(_t, n)))
+    clean, res = runs
+    results = _against_clean(clean, res)
+    assert res.inputs is not None
+    return {"target": target.describe(), "threat": point.threat, "level": point.level, "attack": dict(res.attack),
+            "corruption": point.corruption, "severity": point.severity,
+            "defences": [d.to_dict() for d in defences], "results": results,
+            "checks": _attack_checks(point, res.attack, results), "labels": labels.tolist(),
+            "wall_s": time.perf_counter() - t0, "seed": seed}, res.inputs
+
+
+def _against_clean(clean: PointResult, res: PointResult) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"clean"|"attacked": {defence: summary}}``; Δ bytes (%) and Δ top-1 (points) against clean, no defence."""
+    labels = clean.labels
+    base = clean.defended["none"].summary(labels)
+    results: dict[str, dict[str, dict[str, Any]]] = {"clean": {}, "attacked": {}}
+    for which, r in (("clean", clean), ("attacked", res)):
+        for label, m in r.defended.items():
+            s = m.summary(labels)
+            s["delta_bytes_pct"] = 100.0 * (s["bytes_mean"] / base["bytes_mean"] - 1.0)
+            s["delta_top1_pt"] = 100.0 * (s["top1"] - base["top1"])
+            results[which][label] = s | {"per_image": m.to_json()}
+    return results
+
+
+def _attack_checks(point: ThreatPoint, rec: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """Did the attack do its job: objective up, within ε, and (entropy attacks) the real bytes up."""
+    if point.attack is None or point.attack.name == "clean":
+        return {}
+    checks = {"objective": rec["objective"], "objective_clean_mean": rec["clean_objective_mean"],
+              "objective_attacked_mean": rec["adv_objective_mean"], "loss_rose": rec["loss_rose"],
+              "linf_levels": rec["linf_levels"],
+              "linf_within_eps": rec["linf_levels"] <= int(np.floor(point.attack.eps * 255 + 1e-6))}
+    if point.attack.name in ENTROPY_THREATS:
+        checks["real_bytes_rose"] = results["attacked"]["none"]["bytes_mean"] > results["clean"]["none"]["bytes_mean"]
+    return checks

@@ -19,6 +19,8 @@ Every attack records the surrogate it optimised (the EOT objective) before and a
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,13 +32,14 @@ from torch import Tensor
 
 from splitbits.attacks.defence import DefenceConfig, apply_defence, object_mask
 from splitbits.attacks.model_ops import QUANT_MODES, RATE_TERMS, eot_rate, split_forward
+from splitbits.runtime.corruptions import check_corruption
+from splitbits.runtime.errors import SplitbitsError
 
 THREATS = ("clean", "pgd-e", "pgd-acc", "noise", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
 ENTROPY_THREATS = ("pgd-e", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
-OPTIMISED = (*ENTROPY_THREATS, "pgd-acc")
 
 
-class AttackConfigError(ValueError):
+class AttackConfigError(SplitbitsError, ValueError):
     """A threat name or parameter that is not valid (raised before any work starts)."""
 
 
@@ -135,6 +138,49 @@ class AttackConfig:
         d["terms"] = list(self.terms)
         d["step_size_used"] = self.alpha
         return d
+
+
+@dataclass(frozen=True)
+class ThreatPoint:
+    """What happens to the images at one grid point: a threat at its ε, or a corruption at a severity
+    (exactly one of ``attack`` and ``corruption``)."""
+
+    attack: AttackConfig | None = None
+    corruption: str | None = None
+    severity: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.attack is None) == (self.corruption is None):
+            raise AttackConfigError("a grid point is either an attack or a corruption")
+        if self.corruption is not None:
+            check_corruption(self.corruption, self.severity)  # type: ignore[arg-type]
+
+    @property
+    def threat(self) -> str:
+        return self.attack.name if self.attack else "corruption"
+
+    @property
+    def eps(self) -> float | None:
+        return self.attack.eps if self.attack else None
+
+    @property
+    def level(self) -> str:
+        """``k/255`` (ε, 4 decimals), ``-`` for clean, ``NAME:SEVERITY`` for a corruption."""
+        if self.attack is None:
+            return f"{self.corruption}:{self.severity}"
+        return "-" if self.attack.name == "clean" else f"{round(self.attack.eps * 255, 4):g}/255"
+
+    def key(self) -> str:
+        """Identity of the point including every parameter that changes its result."""
+        if self.attack is None:
+            return f"corruption|{self.corruption}|{self.severity}"
+        d = self.attack.to_dict()
+        h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.attack.name}|{self.level}|{h}"
+
+
+#: the unperturbed images (every comparison's baseline)
+CLEAN = ThreatPoint(attack=AttackConfig(name="clean", eps=0.0))
 
 
 @dataclass
@@ -294,7 +340,7 @@ def _linf_normalised(g: Tensor) -> Tensor:
 
 def run_attack(model: Any, x: Tensor, cfg: AttackConfig, labels: Tensor | None = None,
                generator: torch.Generator | None = None) -> AttackOutcome:
-    """Attack one batch (no chunking; see :func:`splitbits.attacks.runner.attack_images`)."""
+    """Attack one batch (no chunking; see :func:`splitbits.attacks.runner.perturb`)."""
     name, eps = cfg.name, cfg.eps
     if name == "clean" or (eps == 0 and name != "clean"):
         with torch.no_grad():

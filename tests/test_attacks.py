@@ -290,7 +290,8 @@ def test_defence_config_parse() -> None:
 
 def test_runner_real_bytes_rise(student) -> None:
     from splitbits.attacks.defence import DefenceConfig as D
-    from splitbits.attacks.runner import Perturbation, RuntimeMeter, evaluate_point, resolve_target
+    from splitbits.attacks.runner import RuntimeMeter, evaluate_point, resolve_target
+    from splitbits.attacks.threats import CLEAN, ThreatPoint
 
     ckpt, bundle = student
     t = resolve_target(bundle)
@@ -299,9 +300,9 @@ def test_runner_real_bytes_rise(student) -> None:
     labels = np.arange(6, dtype=np.int64)
     meter = RuntimeMeter(t.bundle)
     defs = [D(name="none"), D(name="oatv", iterations=10)]
-    clean = evaluate_point(t, meter, imgs, labels, Perturbation(attack=AttackConfig(name="clean", eps=0.0)), defs)
+    clean = evaluate_point(t, meter, imgs, labels, CLEAN, defs)
     att = evaluate_point(t, meter, imgs, labels,
-                         Perturbation(attack=AttackConfig(name="pgd-e", eps=8 / 255, steps=5, eot=2)), defs,
+                         ThreatPoint(attack=AttackConfig(name="pgd-e", eps=8 / 255, steps=5, eot=2)), defs,
                          keep_inputs=True, batch=4)
     cb, ab = clean.defended["none"].bytes, att.defended["none"].bytes
     assert ab.mean() > cb.mean()  # real packet bytes, not the surrogate

@@ -98,7 +98,7 @@ def test_config_file_and_example(tmp_path, student) -> None:
 def test_empty_dataset_is_an_error_before_work(student, tmp_path, monkeypatch) -> None:
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     calls = []
-    monkeypatch.setattr("splitbits.attacks.runner.evaluate_point", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("splitbits.attacks.campaign.evaluate_point", lambda *a, **k: calls.append(1))
     c = parse_campaign(_config(student, dataset=f"imagefolder:{tmp_path / 'empty'}"))
     with pytest.raises(Exception, match=r"(?i)no images|empty|not found"):
         run_campaign(c, tmp_path / "out", progress=False)
