@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from support import make_student, textured_images
 from splitbits.attacks import campaign as camp
 from splitbits.attacks.campaign import CampaignError, load_campaign, parse_campaign, plan_units, run_campaign
 from splitbits.runtime.cli import main as cli_main
+from splitbits.runtime.datasets import DatasetError
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +63,17 @@ def _config(student, **over) -> dict:
     ({"models": []}, "at least one"),
     ({"models": ["/nonexistent/x.pt"]}, "not found"),
 ])
-def test_config_errors_before_work(student, monkeypatch, patch: dict, match: str) -> None:
-    def boom(*a, **k):  # pragma: no cover - must not be reached
-        raise AssertionError("work started")
-
-    monkeypatch.setattr("splitbits.attacks.runner.evaluate_point", boom)
+def test_config_errors_before_work(student, tmp_path, monkeypatch, capsys, patch: dict, match: str) -> None:
+    calls = []
+    monkeypatch.setattr("splitbits.attacks.campaign.evaluate_point", lambda *a, **k: calls.append(1))
     with pytest.raises(CampaignError, match=match):
         parse_campaign(_config(student, **patch))
+    # the same config through the CLI: a one-line error, no output folder, no unit evaluated
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_config(student, **patch)))
+    assert cli_main(["campaign", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not calls and not (tmp_path / "out").exists()
 
 
 def test_config_file_and_example(tmp_path, student) -> None:
@@ -100,7 +106,7 @@ def test_empty_dataset_is_an_error_before_work(student, tmp_path, monkeypatch) -
     calls = []
     monkeypatch.setattr("splitbits.attacks.campaign.evaluate_point", lambda *a, **k: calls.append(1))
     c = parse_campaign(_config(student, dataset=f"imagefolder:{tmp_path / 'empty'}"))
-    with pytest.raises(Exception, match=r"(?i)no images|empty|not found"):
+    with pytest.raises(DatasetError, match=r"(?i)no images|empty|not found"):
         run_campaign(c, tmp_path / "out", progress=False)
     assert not calls
 
@@ -116,6 +122,7 @@ def _rows(db: Path) -> list[tuple]:
         con.close()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(student, tmp_path) -> None:
     c = parse_campaign(_config(student))
     out = tmp_path / "run"
@@ -156,6 +163,7 @@ def test_resume_after_interruption(student, tmp_path) -> None:
     assert fresh["computed"] == total_units
 
 
+@pytest.mark.slow
 def test_shards_cover_the_grid_once(student, tmp_path, monkeypatch) -> None:
     c = parse_campaign(_config(student, threats=[{"name": "noise", "eps": [4, 8]}], corruptions=None))
     out = tmp_path / "sharded"
@@ -231,6 +239,7 @@ def test_attack_cli_missing_target(tmp_path, capsys) -> None:
     assert "no such checkpoint or bundle" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_campaign_cli(student, tmp_path, capsys) -> None:
     cfg = _config(student, threats=[{"name": "noise", "eps": [8]}], corruptions=None, limit=3)
     p = tmp_path / "c.yaml"
@@ -240,6 +249,7 @@ def test_campaign_cli(student, tmp_path, capsys) -> None:
     out = tmp_path / "o"
     assert cli_main(["campaign", str(p), "--out", str(out), "--no-progress"]) == 0
     assert (out / "report.html").is_file()
+    assert json.loads((out / "run_rank0.json").read_text())["computed"] == 2  # clean + noise, one chunk each
     assert cli_main(["campaign", str(p), "--out", str(out), "--report-only"]) == 0
     cfg["threatz"] = cfg.pop("threats")
     p.write_text(yaml.safe_dump(cfg))
@@ -258,6 +268,7 @@ def test_bench_attack_cli(tmp_path) -> None:
     assert "per_image_sequential_eot" in r and "machine" in r
 
 
+@pytest.mark.slow
 def test_demo_section(student, tmp_path) -> None:
     from splitbits.attacks.demo import attack_section
     from splitbits.trainer.checkpoint import load_model
@@ -299,6 +310,7 @@ def test_pregenerated_imagenet_c_layout(student, tmp_path) -> None:
         parse_campaign(_config(student, corruptions={"names": ["fog"], "source": "/data/inc"}))
 
 
+@pytest.mark.slow
 def test_changed_config_reuses_and_reports_only_current_points(student, tmp_path) -> None:
     base = {"limit": 3, "chunk": 3, "corruptions": None, "threats": [{"name": "pgd-e", "eps": [8], "steps": 1,
                                                                       "eot": 2}]}
