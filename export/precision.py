@@ -226,13 +226,6 @@ def to_mixed_fp16(model: onnx.ModelProto, plan: PinPlan) -> onnx.ModelProto:
                                     disable_shape_infer=False)
 
 
-def fp32_initializers_of(model: onnx.ModelProto, nodes: Iterable[str]) -> dict[str, int]:
-    """Element type of each initializer read (directly) by ``nodes`` (a check of a mixed model)."""
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    wanted = set(nodes)
-    return {i: inits[i] for n in model.graph.node if n.name in wanted for i in n.input if i in inits}
-
-
 class ArrayReader:
     """An ONNX Runtime ``CalibrationDataReader`` over a list of feed dicts."""
 

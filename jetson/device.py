@@ -1,14 +1,12 @@
 """What this machine is: Jetson board, L4T/JetPack, CUDA, TensorRT, power mode (nvpmodel), clocks.
 
 Everything degrades to ``None`` off a Jetson, so the same report runs on a desktop (the emulation).
-``python -m splitbits.jetson.device`` (or ``splitbits device``) prints it as JSON; ``jetson/setup.sh``
-calls it to show what was found.
+``splitbits device`` prints it as JSON; ``jetson/setup.sh`` calls it to show what was found.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -148,13 +146,3 @@ def device_info() -> dict[str, Any]:
         }
     info["name"] = board or info["cpu"]
     return info
-
-
-def main() -> int:
-    info = device_info()
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

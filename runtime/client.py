@@ -288,10 +288,6 @@ class LinkClient:
         self.stats.frame_bytes_sent += len(data)
         return spent
 
-    async def send_raw(self, data: bytes) -> float:
-        """Write raw bytes (paced); for tests of hostile input. Returns seconds spent writing."""
-        return await self._write(data)
-
     async def request(self, packet: bytes, want_logits: bool = False) -> Reply:
         if self._writer is None or self._send_lock is None:
             raise LinkError("not connected")

@@ -19,7 +19,7 @@ idx checksum turns into an ``IndexMismatchError``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,6 @@ from splitbits.runtime.quant import (
     quantize,
     scale_indexes,
 )
-
-HyperFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class Timer:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from splitbits.runtime import link
-from splitbits.runtime.client import LinkClient, send_images, summarize_send
+from splitbits.runtime.client import LinkClient, connection_reason, send_images, summarize_send
 from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 from splitbits.runtime.server import ServerConfig, SplitServer
 
@@ -164,19 +164,19 @@ def test_impossible_frame_length_closes_only_that_connection(mshp):
     async def go():
         async with SplitServer(dec, ServerConfig(port=0)) as srv:
             other = await LinkClient(*srv.address).connect()
-            hostile = await LinkClient(*srv.address).connect()
-            await hostile.send_raw((1 << 30).to_bytes(4, "big") + b"x" * 16)  # 1 GiB announced
-            for _ in range(100):
-                if hostile.connection_error:
-                    break
-                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection(*srv.address)  # a raw, hostile peer
+            writer.write((1 << 30).to_bytes(4, "big") + b"x" * 16)  # 1 GiB announced
+            await writer.drain()
+            frame = await asyncio.wait_for(link.read_frame(reader, link.MAX_RESPONSE_BYTES), 5)
+            closed = await asyncio.wait_for(reader.read(), 5) == b""
             reply = await other.request(packets[0])
             await other.close()
-            await hostile.close()
-            return hostile.connection_error, reply, srv.stats
+            writer.close()
+            return frame, closed, reply, srv.stats
 
-    err, reply, stats = _run(go())
-    assert err is not None and "FrameError" in err
+    frame, closed, reply, stats = _run(go())
+    assert frame.request_id == 0 and frame.kind == link.KIND_ERROR and closed
+    assert "FrameError" in connection_reason(frame.body)
     assert reply.ok and reply.body["class"] == int(ref[0].argmax())
     assert stats.frame_errors == 1
 

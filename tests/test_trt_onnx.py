@@ -12,7 +12,6 @@ import pytest
 from splitbits.export.precision import (
     check_onnx,
     find_gdn,
-    fp32_initializers_of,
     plan_fp32,
     profile_shapes,
     to_mixed_fp16,
@@ -34,6 +33,14 @@ from splitbits.runtime.backends.tensorrt import (
     version_tag,
 )
 from splitbits.runtime.cli import main as cli_main
+
+
+def fp32_initializers_of(model: onnx.ModelProto, nodes) -> dict[str, int]:
+    """Element type of each initializer read (directly) by ``nodes`` (a check of a mixed model)."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    wanted = set(nodes)
+    return {i: inits[i] for n in model.graph.node if n.name in wanted for i in n.input if i in inits}
+
 
 # --------------------------------------------------------------------------------------------
 # GDN detection

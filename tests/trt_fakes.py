@@ -103,9 +103,6 @@ class FakeCudart:
     def cudaGetDeviceProperties(self, dev):
         return 0, types.SimpleNamespace(name=self.name)
 
-    def cudaMemGetInfo(self):
-        return 0, 1 << 30, 8 << 30
-
     def cudaGetErrorName(self, err):
         return 0, b"cudaErrorFake"
 

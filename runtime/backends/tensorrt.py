@@ -202,10 +202,6 @@ class CudaPython:
         name = props.name
         return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)).strip("\x00 ")
 
-    def mem_info(self) -> tuple[int, int]:
-        free, total = self._ok(self.rt.cudaMemGetInfo())
-        return int(free), int(total)
-
 
 class PyCuda:
     """The pycuda fallback (no CUDA graphs)."""
@@ -266,10 +262,6 @@ class PyCuda:
 
     def device_name(self) -> str:
         return str(self.cuda.Device(0).name())
-
-    def mem_info(self) -> tuple[int, int]:
-        free, total = self.cuda.mem_get_info()
-        return int(free), int(total)
 
 
 def load_cuda() -> CudaPython | PyCuda:
