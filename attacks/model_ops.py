@@ -132,17 +132,15 @@ def eot_rate(model: SplitClassifier, x: Tensor, terms: tuple[str, ...] = RATE_TE
 
 
 @torch.no_grad()
-def rate_and_logits(model: SplitClassifier, x: Tensor, batch: int = 256) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """Rounded (deployed) rate in bits [N], its terms, and the logits, in batches, without gradients."""
-    rates, terms, logits = [], {}, []
+def rate_and_logits(model: SplitClassifier, x: Tensor, batch: int = 256) -> tuple[Tensor, Tensor]:
+    """Rounded (deployed) rate in bits [N] and the logits, in batches, without gradients."""
+    rates, logits = [], []
     for i in range(0, x.shape[0], batch):
         o = split_forward(model, x[i:i + batch], "round", logits=True)
         rates.append(o.rate())
-        for k, v in o.bits.items():
-            terms.setdefault(k, []).append(v)
         assert o.logits is not None
         logits.append(o.logits)
-    return torch.cat(rates), {k: torch.cat(v) for k, v in terms.items()}, torch.cat(logits)
+    return torch.cat(rates), torch.cat(logits)
 
 
 def likelihood_mask(model: SplitClassifier, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:

@@ -199,7 +199,7 @@ class RuntimeMeter:
             d = self.decoder.decode_full(p)
             preds.append(int(np.argmax(d.logits)))
             server.append(sum(d.timings_ms.values()))
-        rate, _, logits = rate_and_logits(model, x)
+        rate, logits = rate_and_logits(model, x)
         return Measurement(np.asarray([len(p) for p in pk], dtype=np.int64), rate.double().cpu().numpy() / 8,
                            np.asarray(preds, dtype=np.int64), logits.argmax(1).cpu().numpy().astype(np.int64),
                            edge, np.asarray(server, dtype=np.float64))
