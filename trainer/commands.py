@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from splitbits.runtime.cli import CliError, Command, existing_file, needs_extra, output_file, positive_int
+from splitbits.runtime.cli import CliError, Command, needs_extra, output_file, positive_int
 
 DESCRIPTION = """\
 Train a teacher classifier or a split Entropic Student from a YAML config.
@@ -42,9 +42,9 @@ Examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("config", help="builtin config name (e.g. tiny_mshp) or a YAML file")
-    p.add_argument("--out", type=output_file, metavar="CKPT",
-                   help="checkpoint to write (required unless --print-config)")
-    p.add_argument("--teacher", type=existing_file, metavar="CKPT", help="teacher checkpoint (students only)")
+    # --out and --teacher are checked in run: a bad checkpoint path is one line, as for every checkpoint reader
+    p.add_argument("--out", metavar="CKPT", help="checkpoint to write (required unless --print-config)")
+    p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (students only)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config key, e.g. student.beta=0.32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
