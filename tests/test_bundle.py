@@ -95,6 +95,7 @@ def test_swapped_model_file_changes_fingerprint(mshp_copy, tiny_bundles):
         load_bundle(mshp_copy)
 
 
+@pytest.mark.slow
 def test_export_refuses_mismatched_onnx(tiny_models, images, tmp_path, monkeypatch):
     """A graph that disagrees with torch fails the export, naming the tensor; nothing is left behind."""
     from splitbits.export import bundle as ex

@@ -26,6 +26,8 @@ from splitbits.runtime.errors import BundleError, IndexMismatchError
 from splitbits.runtime.hyper_int import A_MAX, IntHyperParams, requantize
 from splitbits.runtime.pipeline import EdgeEncoder, IntHyper, ServerDecoder, make_hyper
 
+pytestmark = pytest.mark.slow  # every test here uses the module's own export (stressed_bundle)
+
 
 @pytest.fixture(scope="module")
 def stressed_model():

@@ -13,19 +13,21 @@ in CI in seconds; ``SPLITBITS_FUZZ_EXAMPLES=100000 pytest tests/test_fuzz.py -k 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from splitbits.runtime import packet as pkt
 from splitbits.runtime.backends.base import Backend, Session
 from splitbits.runtime.bundle import Bundle, CodecParams
 from splitbits.runtime.codec import CdfTables
-from splitbits.runtime.errors import PacketError
+from splitbits.runtime.errors import IndexMismatchError, PacketError
 from splitbits.runtime.pipeline import ServerDecoder
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -76,18 +78,38 @@ SERVERS = {"mshp": _server("mshp"), "fp": _server("fp")}
 PACKETS = {p.stem: p.read_bytes() for p in sorted(CORPUS.glob("*.bin"))}
 
 
-def _serve(data: bytes) -> list[np.ndarray | None]:
-    """Offer ``data`` to both servers; each answer is logits, or None for a PacketError."""
-    out = []
-    for server in SERVERS.values():
+#: what the parser says about a packet's frame (header, section table, lengths, CRC)
+PARSER = re.compile("bad magic|truncated packet|exceeds the bound|checksum|made for bundle|format version|family|"
+                    "coder id|flags|sections|section table|has shape|section lengths")
+#: what the coders say about a blob behind a valid frame
+DECODER = re.compile("blob|escape|varint")
+
+
+def _outcomes(data: bytes) -> dict[str, PacketError | None]:
+    """Offer ``data`` to both servers: None where it decoded (to finite logits), else its PacketError."""
+    out: dict[str, PacketError | None] = {}
+    for family, server in SERVERS.items():
         try:
             logits = server.decode_full(data).logits
-        except PacketError:
-            out.append(None)
+        except PacketError as exc:
+            out[family] = exc
             continue
         assert logits.shape == (3,) and np.isfinite(logits).all()
-        out.append(logits)
+        out[family] = None
     return out
+
+
+def _stage(exc: PacketError | None) -> str:
+    """Where a packet stopped: ``decoded``, ``idx`` (the recomputed scale indexes differ), ``decoder``
+    (a coder refused a blob) or ``parser`` (the frame); an error of none of these is a test failure."""
+    if exc is None:
+        return "decoded"
+    if isinstance(exc, IndexMismatchError):
+        return "idx"
+    if DECODER.search(str(exc)):
+        return "decoder"
+    assert PARSER.search(str(exc)), f"an error of no known stage: {type(exc).__name__}: {exc}"
+    return "parser"
 
 
 def test_corpus_is_present():
@@ -97,13 +119,14 @@ def test_corpus_is_present():
 
 @pytest.mark.parametrize("name", sorted(PACKETS))
 def test_corpus_packet(name):
-    answers = _serve(PACKETS[name])
+    stages = {family: _stage(exc) for family, exc in _outcomes(PACKETS[name]).items()}
     if name.startswith("valid-"):
         fam = name.split("-")[1]
-        assert answers[list(SERVERS).index(fam)] is not None, "a valid packet must decode"
-        assert answers[1 - list(SERVERS).index(fam)] is None, "the other family's server must refuse it"
+        assert stages[fam] == "decoded", "a valid packet must decode"
+        assert stages["fp" if fam == "mshp" else "mshp"] == "parser", "the other family's server must refuse it"
     elif name.startswith("bad-"):
-        assert all(a is None for a in answers)
+        want = "decoder" if name.startswith("bad-blob-") else "idx" if name == "bad-idx-crc" else "parser"
+        assert want in stages.values() and set(stages.values()) <= {want, "parser"}, stages
 
 
 def test_valid_packets_decode_to_their_symbols():
@@ -148,13 +171,59 @@ def mutated(draw) -> bytes:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=mutated())
 def test_mutations_never_crash(data):
-    _serve(data)
+    for exc in _outcomes(data).values():
+        _stage(exc)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.binary(max_size=400))
 def test_random_bytes_never_crash(data):
-    assert all(a is None for a in _serve(data)) or data[:4] == b"SPBT"
+    """Random bytes are refused by the parser (magic, length) on both servers."""
+    stages = {_stage(exc) for exc in _outcomes(data).values()}
+    assert stages == {"parser"} or data[:4] == b"SPBT"
+
+
+#: the valid packets of the corpus, parsed: frames to put random bodies in
+VALID = {name: pkt.parse(data, SERVERS[name.split("-")[1]].expect)
+         for name, data in PACKETS.items() if name.startswith("valid-")}
+
+
+@st.composite
+def framed(draw) -> tuple[str, list[str], bool, bytes]:
+    """A packet with a valid frame for one server (header, shapes, lengths, CRC of a corpus packet) around
+    blobs that are the valid one, random bytes, or the valid one's first bytes followed by random ones;
+    its idx CRC the valid one or random."""
+    p = VALID[draw(st.sampled_from(sorted(VALID)))]
+    kinds = [draw(st.sampled_from(["valid", "random", "prefix"])) for _ in p.blobs]
+    blobs = []
+    for kind, blob in zip(kinds, map(bytes, p.blobs)):
+        if kind == "random":
+            blob = draw(st.binary(max_size=300))
+        elif kind == "prefix":
+            blob = blob[:draw(st.integers(1, max(1, min(12, len(blob)))))] + draw(st.binary(max_size=300))
+        blobs.append(blob)
+    crc = p.idx_crc if draw(st.booleans()) else draw(st.integers(0, 2**32 - 1))
+    data = pkt.pack(pkt.Packet(p.family, p.coder_id, p.fingerprint, p.shapes, blobs, crc, p.flags))
+    return p.family, kinds, crc == p.idx_crc, data
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=framed())
+def test_random_bodies_in_valid_frames_reach_the_decoders(case):
+    """Past a valid frame the coders and the idx check must refuse what is wrong: its server stops at
+    the decoder or the idx check (or decodes), never at the parser; the other family's server at the parser."""
+    family, kinds, crc_ok, data = case
+    out = _outcomes(data)
+    assert _stage(out["fp" if family == "mshp" else "mshp"]) == "parser"
+    stage = _stage(out[family])
+    event(f"{family}: {stage}")
+    if kinds == ["valid"] * len(kinds) and (crc_ok or family == "fp"):
+        assert stage == "decoded"
+    elif family == "mshp" and kinds[0] == "valid":  # z decodes: the recomputed idx is checked first
+        assert stage == ("decoder" if crc_ok else "idx") or (stage == "decoded" and crc_ok)
+    else:
+        assert stage in ("decoder", "idx", "decoded")
+        assert stage != "idx" or family == "mshp"
 
 
 @settings(max_examples=max(50, EXAMPLES // 5), deadline=None, suppress_health_check=list(HealthCheck))
@@ -162,15 +231,18 @@ def test_random_bytes_never_crash(data):
     st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1)),
     max_size=5), tail=st.binary(max_size=200))
 def test_structured_headers_never_crash(header, sections, tail):
-    """Plausible headers (right magic/version/fingerprint) with arbitrary counts, shapes and lengths."""
+    """Plausible headers (right magic/version/fingerprint) with arbitrary counts, shapes and lengths stop
+    at the parser unless the section shapes are exactly a server's."""
     head = b"SPBT\x01" + header[5:8] + SERVERS["mshp"].expect.fingerprint + header[16:20] + bytes([len(sections)])
     body = head + b"".join(struct.pack("<HHHI", *s) for s in sections) + tail
-    assert all(a is None for a in _serve(_recrc(body))) or len(sections) in (1, 2)
+    for family, exc in _outcomes(_recrc(body)).items():
+        shapes_match = [s[:3] for s in sections] == [tuple(x) for x in SERVERS[family].expect.shapes]
+        assert _stage(exc) == "parser" or shapes_match
 
 
 def test_server_keeps_serving_after_hostile_packets():
     for name, data in PACKETS.items():
         if name.startswith("bad-"):
-            _serve(data)
-    assert _serve(PACKETS["valid-mshp-numba-0"])[0] is not None
-    assert _serve(PACKETS["valid-fp-constriction"])[1] is not None
+            _outcomes(data)
+    assert _outcomes(PACKETS["valid-mshp-numba-0"])["mshp"] is None
+    assert _outcomes(PACKETS["valid-fp-constriction"])["fp"] is None
