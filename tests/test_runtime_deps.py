@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import splitbits.runtime
 
 RUNTIME_DIR = Path(splitbits.runtime.__file__).parent
@@ -45,3 +47,36 @@ def test_no_runtime_source_imports_torch_or_compressai():
     pat = re.compile(r"^\s*(import|from)\s+(torch|compressai|torchvision|timm|ray)\b", re.M)
     offenders = [str(p) for p in RUNTIME_DIR.rglob("*.py") if pat.search(p.read_text())]
     assert offenders == []
+
+
+def test_public_api_is_one_import_and_lazy():
+    """``from splitbits.runtime import EdgeEncoder, ServerDecoder, load_bundle`` (and the other public
+    names) gives the real objects, while importing the package alone loads no numpy (``splitbits --help``)."""
+    code = (
+        "import json, sys\n"
+        "import splitbits.runtime as r\n"
+        "before = [m for m in ('numpy', 'onnxruntime', 'numba') if m in sys.modules]\n"
+        "from splitbits.runtime import EdgeEncoder, ServerDecoder, load_bundle, verify_backend, get_backend\n"
+        "from splitbits.runtime import SplitbitsError\n"
+        "from splitbits.runtime import bundle, pipeline, verify\n"
+        "same = [EdgeEncoder is pipeline.EdgeEncoder, load_bundle is bundle.load_bundle,\n"
+        "        verify_backend is verify.verify_backend, issubclass(r.BundleError, SplitbitsError)]\n"
+        "missing = [n for n in r.__all__ if getattr(r, n, None) is None]\n"
+        "print(json.dumps({'before': before, 'same': same, 'all': missing,\n"
+        "                  'dir': sorted(set(r.__all__) - set(dir(r)))}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"before": [], "same": [True] * 4, "all": [], "dir": []}
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        splitbits.runtime.NoSuchThing  # noqa: B018
+
+
+def test_public_api_encodes_and_decodes(tiny_bundles, images):
+    from splitbits.runtime import EdgeEncoder, ServerDecoder, load_bundle, verify_backend
+
+    bundle = load_bundle(tiny_bundles["mshp"])
+    enc, dec = EdgeEncoder(bundle, "onnxruntime"), ServerDecoder(bundle, "onnxruntime")
+    assert dec.decode(enc.encode(images[0])).shape == (10,)
+    assert verify_backend(bundle, "onnxruntime").ok
