@@ -51,6 +51,20 @@ class ExportResult:
     verification: VerifyReport
     seconds: float
 
+    def summary(self) -> dict[str, Any]:
+        """What ``export --json`` writes: the bundle, its files' sizes, the verification, the time."""
+        m = self.manifest
+        return {"bundle": str(self.path), "family": m["family"], "fingerprint": m["fingerprint"],
+                "files": {k: f["bytes"] for k, f in m["files"].items()}, "verification": self.verification.to_dict(),
+                "seconds": round(self.seconds, 2)}
+
+    def report_line(self) -> str:
+        """What ``export`` prints: the bundle and its verification on ONNX Runtime."""
+        v, m = self.verification, self.manifest
+        return (f"bundle {self.path}  family={m['family']}  fingerprint={m['fingerprint'][:16]}  "
+                f"verified on onnxruntime: top-1 {v.top1_agree}/{v.images}, packets {v.packets_ok}/{v.images}, "
+                "max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.max_abs_err.items()))
+
 
 class GraphModule(nn.Module):
     """One graph of the bundle as a module of its own: the split model's ``run_head``, ``run_hyper``

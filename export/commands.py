@@ -120,20 +120,9 @@ def run_export(args: argparse.Namespace) -> int:
                             overwrite=args.force, source=str(args.source))
     except FileExistsError as exc:
         raise CliError(str(exc)) from exc
-    v = res.verification
-    summary = {
-        "bundle": str(res.path),
-        "family": res.manifest["family"],
-        "fingerprint": res.manifest["fingerprint"],
-        "files": {k: m["bytes"] for k, m in res.manifest["files"].items()},
-        "verification": v.to_dict(),
-        "seconds": round(res.seconds, 2),
-    }
-    print(f"bundle {res.path}  family={summary['family']}  fingerprint={summary['fingerprint'][:16]}  "
-          f"verified on onnxruntime: top-1 {v.top1_agree}/{v.images}, packets {v.packets_ok}/{v.images}, "
-          f"max errors " + ", ".join(f"{k}={e:.2g}" for k, e in v.max_abs_err.items()))
+    print(res.report_line())
     if args.json:
-        write_json(args.json, summary)
+        write_json(args.json, res.summary())
     return 0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from splitbits.runtime.errors import SplitbitsError
 from splitbits.runtime.report import fmt, md_table
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ RATES = ("1", "10", "100")
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Every bench/send JSON among ``paths`` (directories are searched for ``*.json``)."""
+    """Every bench/send JSON among ``paths`` (directories are searched for ``*.json``), each checked
+    by :func:`check_result`; other JSON files are skipped with a warning."""
     files: list[Path] = []
     for p in map(Path, paths):
         files.extend(sorted(p.glob("**/*.json")) if p.is_dir() else [p])
@@ -42,8 +44,45 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             log.warning("skipping %s: not a splitbits bench/send result", f)
             continue
         data["_file"] = str(f)
+        check_result(data)
         out.append(data)
     return out
+
+
+_OBJECTS = ("device", "backend", "inputs", "bundle", "link", "latency_ms", "throughput", "power", "accuracy")
+
+
+class ResultError(SplitbitsError):
+    """A bench/send result file whose keys the report reads have the wrong types."""
+
+
+def check_result(r: dict[str, Any]) -> None:
+    """The keys the report reads, with their types: a result file is input like any other, so a
+    malformed one is a :class:`ResultError` naming the file and the key, not a crash in a table."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ResultError(f"{r.get('_file', '?')}: not a valid bench/send result: {what}")
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    for key in _OBJECTS:
+        need(isinstance(r.get(key) or {}, dict), f"{key} must be an object")
+    lat = r.get("latency_ms") or {}
+    need(all(isinstance(v, dict) and all(map(number, v.values())) for v in lat.values()),
+         "latency_ms must map stages to {p50, p99, ...} numbers")
+    for key in ("throughput", "accuracy"):
+        need(all(map(number, (r.get(key) or {}).values())), f"{key} values must be numbers")
+    power = r.get("power") or {}
+    need(number(power.get("mean_power_w")) and number(power.get("energy_per_image_mj"))
+         and isinstance(power.get("power_mode") or {}, dict), "power must hold numbers and a power_mode object")
+    model_ms = (r.get("link") or {}).get("model_ms", {})
+    need(isinstance(model_ms, dict) and all(map(number, model_ms.values())), "link.model_ms must map rates to ms")
+    if "bytes" in r:
+        b = r["bytes"]
+        mean = b.get("packet", {}).get("mean") if isinstance(b, dict) and isinstance(b.get("packet"), dict) else None
+        need(mean is not None and number(mean), "bytes.packet.mean must be a number")
 
 
 def precision_of(backend: dict[str, Any]) -> str:
