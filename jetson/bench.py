@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splitbits.runtime.link import transmit_seconds
+from splitbits.runtime.link import transmit_model_ms, transmit_seconds
 from splitbits.runtime.report import summary
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def _figures(bundle: Bundle, loop: _Loop, opts: BenchOptions, n: int) -> dict[st
         "bytes": {"packet": summary(loop.sizes), "ideal": summary(loop.ideal),
                   "bits_per_pixel": mean_bytes * 8 / (h * w)},
         "link": {"mbps": opts.link_mbps,
-                 "model_ms": {f"{m:g}": transmit_seconds(round(mean_bytes), m) * 1e3 for m in (1.0, 10.0, 100.0)}},
+                 "model_ms": transmit_model_ms(mean_bytes)},
         "accuracy": {"top1": loop.correct / loop.labelled if loop.labelled else None, "labelled": loop.labelled},
     }
 

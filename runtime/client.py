@@ -30,7 +30,6 @@ import numpy as np
 from splitbits.runtime import link
 from splitbits.runtime.errors import SplitbitsError
 
-MODEL_RATES_MBPS = (1.0, 10.0, 100.0)
 #: longest server reason kept (a hostile server must not flood the terminal)
 MAX_REASON_CHARS = 300
 
@@ -467,8 +466,7 @@ def summarize_send(records: list[SendRecord], wall_s: float, mbps: float | None,
         "bytes": {"packet": summary(sizes), "ideal": summary([r.ideal_bytes for r in records])},
         "link": {
             "emulated_mbps": mbps,
-            "model_ms": {f"{m:g}": link.transmit_seconds(round(mean_bytes), m) * 1e3
-                         for m in MODEL_RATES_MBPS} if sizes else {},
+            "model_ms": link.transmit_model_ms(mean_bytes) if sizes else {},
         },
         "wire": summarize_wire(links),
         "accuracy": {"top1": (sum(r.predicted == r.label for r in labelled) / len(labelled)) if labelled else None,

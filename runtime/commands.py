@@ -47,13 +47,15 @@ def run_warmup(args: argparse.Namespace) -> int:
         if cache_info is not None:  # the numba coder: JIT cache on disk (misses = compiled now)
             report[f"{name}_jit_cache"] = cache_info()
     if args.bundle:
+        import numpy as np
+
         from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 
         t = time.perf_counter()
         enc = EdgeEncoder(args.bundle, args.backend, coder=args.coder, **backend_options(args))
         dec = ServerDecoder(args.bundle, args.backend, **backend_options(args))
         enc.warmup()
-        dec.decode(enc.encode(__import__("numpy").zeros(enc.bundle.input_shape, "float32")))
+        dec.decode(enc.encode(np.zeros(enc.bundle.input_shape, "float32")))
         report["bundle"] = f"{(time.perf_counter() - t) * 1e3:.0f} ms"
     print(json.dumps(report, indent=2))
     return 0

@@ -220,6 +220,15 @@ def transmit_seconds(nbytes: int, mbps: float) -> float:
     return nbytes / mbps_to_bytes_per_s(mbps)
 
 
+#: link rates (Mbit/s) at which reports model the transmit time of the measured packets
+MODEL_RATES_MBPS = (1.0, 10.0, 100.0)
+
+
+def transmit_model_ms(mean_bytes: float) -> dict[str, float]:
+    """The transmit time (ms) of a ``mean_bytes`` packet at each of ``MODEL_RATES_MBPS``, keyed ``"1"``, ``"10"``..."""
+    return {f"{m:g}": transmit_seconds(round(mean_bytes), m) * 1e3 for m in MODEL_RATES_MBPS}
+
+
 class TokenBucket:
     """A token bucket in bytes: ``reserve(n)`` says how long to wait before ``n`` bytes may go.
 
