@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from splitbits.runtime.codec.numba_coder import NumbaCoder
 from splitbits.runtime.machine import busy_processes, machine_info, package_versions
 from splitbits.runtime.quant import channel_index
 from splitbits.runtime.report import md_table, write_json
+
+if TYPE_CHECKING:
+    from splitbits.runtime.bundle import Bundle
 
 TARGETS = {"encode_msym_s": 80.0, "decode_msym_s": 40.0, "vs_compressai": 25.0, "vs_constriction": 3.0,
            "bytes_rel": 0.001, "bytes_abs": 16.0, "hyper_bytes_pct": 0.5, "hyper_top1_points": 0.2}
@@ -241,7 +244,7 @@ def bundle_set(path: str, count: int, accuracy_images: int, dataset: str, hyper_
     return ls
 
 
-def _bundle_hyper_costs(bundle, images: np.ndarray, labels: np.ndarray | None, repeats: int) -> dict[str, Any]:
+def _bundle_hyper_costs(bundle: Bundle, images: np.ndarray, labels: np.ndarray | None, repeats: int) -> dict[str, Any]:
     """Bytes, top-1 and time of the int hyper path against the float one, on ONNX Runtime."""
     from splitbits.runtime.backends import get_backend
     from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder, make_hyper
