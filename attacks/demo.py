@@ -175,7 +175,7 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
     enc, dec = EdgeEncoder(bundle, "onnxruntime", hyper=hyper), ServerDecoder(bundle, "onnxruntime")
     for img in images[:warmup]:
         dec.decode(enc.encode(img))
-    packet_bytes, ideal, edge_t, server_t, ref_bytes = [], [], [], [], []
+    packet_bytes, payload_bytes, ideal, edge_t, server_t, ref_bytes = [], [], [], [], [], []
     correct = agree = 0
     with progress_bar(len(images), "edge → packet → server", disabled=not progress) as bar:
         for i in range(len(images)):
@@ -184,6 +184,7 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
             top1 = int(d.logits.argmax())
             correct += int(top1 == labels[i])
             packet_bytes.append(len(res.packet))
+            payload_bytes.append(pkt.parse(res.packet, dec.expect).payload_bytes)
             ideal.append(sum(res.ideal_bits.values()) / 8)
             edge_t.append(res.timings_ms)
             server_t.append(d.timings_ms)
@@ -192,14 +193,14 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
             ref_logits = student.decompress_reference(ref["strings"], ref["shape"])
             agree += int(ref_logits.argmax(1).item() == top1)
             bar.advance()
-    blobs = pkt.parse(res.packet, dec.expect).blobs
     return {
         "top1": correct / len(images),
         "top1_agree_with_compressai_path": agree,
         "packet_bytes": packet_bytes,
+        "payload_bytes": payload_bytes,
         "ideal_bytes": ideal,
         "compressai_bytes": ref_bytes,
-        "header_bytes": len(res.packet) - sum(len(b) for b in blobs),
+        "header_bytes": max(p - q for p, q in zip(packet_bytes, payload_bytes)),
         "edge_ms": {s: [t.get(s, 0.0) for t in edge_t] for s in EDGE_STAGES if any(s in t for t in edge_t)},
         "server_ms": {s: [t.get(s, 0.0) for t in server_t] for s in SERVER_STAGES if any(s in t for t in server_t)},
         "coder": enc.coder.name,
@@ -216,7 +217,7 @@ def evaluate_runtime(bundle: Path, images: np.ndarray, labels: np.ndarray, stude
 def _bytes(run: dict[str, Any]) -> dict[str, Any]:
     """Bytes per image: real packets and their payload beside the estimates, compressai and JPEG q75."""
     pb, cb = np.asarray(run["packet_bytes"]), np.asarray(run["compressai_bytes"])
-    payload = pb - run["header_bytes"]
+    payload = np.asarray(run["payload_bytes"])
     return {
         "real_packet": summary(pb),
         "payload": summary(payload),

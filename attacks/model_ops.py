@@ -62,7 +62,7 @@ def _eb_likelihood(eb, v_hat: Tensor) -> Tensor:
 
 
 def _eb_medians(eb, like: Tensor) -> Tensor:
-    return eb._get_medians().reshape(1, -1, 1, 1).to(like)
+    return eb.quantiles[:, 0, 1].reshape(1, -1, 1, 1).to(like)
 
 
 def _bits(lik: Tensor) -> Tensor:

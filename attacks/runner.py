@@ -124,7 +124,7 @@ def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None
 
 def _has_tables(model: Any) -> bool:
     eb = model.bottleneck_layer.entropy_bottleneck
-    return eb._quantized_cdf.numel() > 0
+    return eb.quantized_cdf.numel() > 0
 
 
 def _check_pair(model: Any, bundle_dir: Path) -> None:
