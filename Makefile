@@ -22,6 +22,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip "setuptools>=68" wheel
 	$(BIN)/pip install -q -e ".[dev]"
+	rm -rf *.egg-info  # the build's metadata copy: on sys.path from the checkout, it would shadow the venv's
 	touch $(STAMP)
 
 # The cached venv may point at another checkout: re-point it here (no dependency changes).

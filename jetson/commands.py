@@ -153,7 +153,7 @@ def run_bench_bundle(args: argparse.Namespace) -> int:
 COMMANDS = {
     "report": Command("compare bench/send results: Markdown/HTML tables and plots",
                       add_report_arguments, run_report, description=REPORT_DESCRIPTION),
-    "device": Command("what this machine is: Jetson board, JetPack/L4T, CUDA, TensorRT, power mode, clocks",
+    "device.info": Command("what this machine is: Jetson board, JetPack/L4T, CUDA, TensorRT, power mode, clocks",
                       add_device_arguments, run_device),
     "bench.bundle": Command("the on-device runner: per-stage latency, bytes, accuracy, memory, power ('bench BUNDLE')",
                     add_bench_bundle_arguments, run_bench_bundle, description=BENCH_BUNDLE_DESCRIPTION),

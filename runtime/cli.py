@@ -40,10 +40,13 @@ from splitbits.runtime.errors import SplitbitsError
 ENTRY_POINT_GROUP = "splitbits.commands"
 #: --help lists the packages' commands in this order (then any other package's)
 PACKAGE_ORDER = ("splitbits.trainer", "splitbits.export", "splitbits.runtime", "splitbits.attacks", "splitbits.jetson")
-#: command groups: name -> (help, default target for a first word that is not a target)
+#: command groups: name -> (help, default target for a first word that is not a target, whether the
+#: group alone (or followed by options) also means its default target)
 GROUPS = {
     "bench": ("benchmarks that print JSON: 'bench codec', 'bench attack', or 'bench BUNDLE' (the on-device runner); "
-              "'splitbits bench TARGET --help' for each", "bundle"),
+              "'splitbits bench TARGET --help' for each", "bundle", False),
+    "device": ("this machine: 'device' (or 'device info') describes it; 'device check' runs the prepared check "
+               "of a CUDA machine (training, attacks, coders; one JSON)", "info", True),
 }
 
 
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         where = sub
         if len(path) == 2:
             if path[0] not in groups:
-                ghelp = GROUPS.get(path[0], (f"{path[0]} commands", None))[0]
+                ghelp = GROUPS.get(path[0], (f"{path[0]} commands", None, False))[0]
                 gp = sub.add_parser(path[0], help=ghelp, description=ghelp)
                 groups[path[0]] = gp.add_subparsers(dest="target", metavar="TARGET")
             where = groups[path[0]]
@@ -325,33 +328,39 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=_HelpFormatter,
                              prog=f"splitbits {' '.join(path)}")
         cmd.add_arguments(p)
-        default_target = len(path) == 2 and GROUPS.get(path[0], ("", None))[1] == path[1]
+        default_target = len(path) == 2 and GROUPS.get(path[0], ("", None, False))[1] == path[1]
         p.set_defaults(_run=cmd.run, _name=path[0] if default_target else " ".join(path))
     return parser
 
 
 def _with_default_targets(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """``bench BUNDLE ...`` → ``bench bundle BUNDLE ...``: a group's first word that is not one of its
-    targets goes to the group's default target."""
+    """``bench BUNDLE ...`` → ``bench bundle BUNDLE ...``, ``device`` → ``device info``: a group's first
+    word that is not one of its targets goes to the group's default target (so does nothing, or an
+    option, after a group marked for it)."""
     words = [i for i, a in enumerate(argv) if not a.startswith("-")]
-    if len(words) < 2 or argv[words[0]] not in GROUPS:
+    if not words or argv[words[0]] not in GROUPS:
         return argv
-    group, first = argv[words[0]], words[1]
-    if first != words[0] + 1:  # an option between the group and its first word
+    nxt = words[0] + 1
+    _, default, when_empty = GROUPS[argv[words[0]]]
+    if nxt >= len(argv) or (argv[nxt].startswith("-") and argv[nxt] not in ("-h", "--help")):
+        return [*argv[:nxt], default, *argv[nxt:]] if when_empty else argv
+    if argv[nxt].startswith("-") or argv[nxt] in _targets(parser, argv[words[0]]):
         return argv
-    targets = _targets(parser, group)
-    default = GROUPS[group][1]
-    if argv[first] in targets or default is None:
-        return argv
-    return [*argv[:first], default, *argv[first:]]
+    return [*argv[:nxt], default, *argv[nxt:]]
+
+
+def _group_parser(parser: argparse.ArgumentParser, group: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._subparsers._group_actions if parser._subparsers and group else []:  # type: ignore[attr-defined]
+        if group in action.choices:
+            return action.choices[group]
+    return None
 
 
 def _targets(parser: argparse.ArgumentParser, group: str) -> set[str]:
-    for action in parser._subparsers._group_actions if parser._subparsers else []:  # type: ignore[attr-defined]
-        gp = action.choices.get(group)
-        if gp is not None and gp._subparsers is not None:
-            return {t for a in gp._subparsers._group_actions for t in a.choices}
-    return set()
+    gp = _group_parser(parser, group)
+    if gp is None or gp._subparsers is None:
+        return set()
+    return {t for a in gp._subparsers._group_actions for t in a.choices}
 
 
 def _exit_status(exc: SystemExit) -> int:
@@ -372,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not getattr(args, "_run", None):
-        parser.print_help()
+    if not getattr(args, "_run", None):  # no command, or a group without its target: its help
+        (_group_parser(parser, args.command) or parser).print_help()
         return 2
     args.command = args._name
     try:

@@ -73,3 +73,16 @@ def test_a_groups_first_word_goes_to_its_default_target():
         ["-v", "bench", "codec", "--images", "1"]
     args = parser.parse_args(cli._with_default_targets(["bench", "B", "--limit", "3"], parser))
     assert isinstance(args, argparse.Namespace) and args.bundle == "B" and args.limit == 3
+
+
+def test_device_alone_or_with_options_is_device_info():
+    parser = cli.build_parser()
+    assert cli._with_default_targets(["device"], parser) == ["device", "info"]
+    assert cli._with_default_targets(["device", "--json", "f"], parser) == ["device", "info", "--json", "f"]
+    assert cli._with_default_targets(["device", "--help"], parser) == ["device", "--help"]
+    assert cli._with_default_targets(["bench"], parser) == ["bench"]  # bench alone: its help, not a bundle
+
+
+def test_a_group_without_its_target_prints_the_groups_help(capsys):
+    assert cli.main(["bench"]) == 2
+    assert "TARGET" in capsys.readouterr().out
