@@ -94,6 +94,21 @@ def test_roundtrip_property(family, data):
     np.testing.assert_array_equal(out, symbols.reshape(-1))
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_stream_roundtrip_property(data):
+    """z (per-channel tables) then y (scale tables) in one stream, with interleaved states carried across
+    the parts: lossless for any int32, z's escapes included."""
+    z, zidx, ztables = data.draw(latents("fp"))
+    y, yidx, ytables = data.draw(latents("mshp"))
+    coder = nc.NumbaCoder(data.draw(st.sampled_from([None, 0, 1, 3, nc.MAX_LANES_LOG2])))
+    blob = coder.encode_stream([(z, zidx, ztables), (y, yidx, ytables)])
+    stream = coder.decode_stream(blob)
+    np.testing.assert_array_equal(stream.next(zidx, ztables), z.reshape(-1))
+    np.testing.assert_array_equal(stream.next(yidx, ytables), y.reshape(-1))
+    stream.finish()
+
+
 @settings(max_examples=40, deadline=None)
 @given(value=int32s, n=st.integers(0, 700), family=st.sampled_from(["fp", "mshp"]))
 def test_all_escape_and_constant_latents(value, n, family):
@@ -185,6 +200,27 @@ def test_wire_format_is_stable():
 GOLDEN_BLOB = "088480f607e27729237f80a4a2d00fffffffff0f"
 
 
+def test_stream_wire_format_is_stable():
+    """The same for a stream (a version-2 packet's payload): header and state, z's then y's escapes, the
+    words from the end. One stream of both parts is 5 bytes shorter than their two section blobs."""
+    tables, other = make_tables(3, seed=1), make_tables(2, seed=4)
+    z = np.array([0, 1, -1, 2, 1000, -3, 0, 0, I32.min, 4], np.int32)
+    zidx = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], np.int32)
+    y = np.array([3, -2, 0, 0, I32.max, 1], np.int32)
+    yidx = np.array([0, 0, 1, 0, 1, 0], np.int32)
+    parts = [(z, zidx, tables), (y, yidx, other)]
+    blob = CODER.encode_stream(parts)
+    assert blob.hex() == GOLDEN_STREAM
+    assert len(blob) == len(CODER.encode(z, zidx, tables)) + len(CODER.encode(y, yidx, other)) - 5
+    stream = CODER.decode_stream(bytes.fromhex(GOLDEN_STREAM))
+    np.testing.assert_array_equal(stream.next(zidx, tables), z)
+    np.testing.assert_array_equal(stream.next(yidx, other), y)
+    stream.finish()
+
+
+GOLDEN_STREAM = "108e804d1624d00fffffffff0ffeffffff0fa9b176c4876f716bce89a93f"
+
+
 def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="table index"):
         CODER.encode(np.zeros(3, np.int32), np.array([0, 1, 99], np.int32), FP_TABLES)
@@ -248,6 +284,74 @@ def test_single_bit_flips_never_crash_and_rans_flips_are_caught():
     assert silent <= 0.01 * 8 * rans_end  # rANS's final-state check catches (almost) every flip
 
 
+def _good_stream(seed: int = 0) -> tuple[bytes, list[tuple[np.ndarray, np.ndarray, CdfTables]]]:
+    rng = np.random.default_rng(seed)
+    zidx = (np.arange(60) % FP_TABLES.num_tables).astype(np.int32)
+    z = rng.integers(-4, 5, 60).astype(np.int32)
+    z[::13] = I32.min
+    yidx = rng.integers(0, MSHP_TABLES.num_tables, 400).astype(np.int32)
+    y = rng.integers(-6, 7, 400).astype(np.int32)
+    y[::50] = -(10**7)
+    parts = [(z, zidx, FP_TABLES), (y, yidx, MSHP_TABLES)]
+    return CODER.encode_stream(parts), parts
+
+
+def _stream_or_error(blob: bytes, parts: list) -> list[np.ndarray] | None:
+    try:
+        stream = CODER.decode_stream(blob)
+        outs = [stream.next(i, t) for _, i, t in parts]
+        stream.finish()
+    except PacketError:
+        return None
+    assert [o.shape for o in outs] == [(s.size,) for s, _, _ in parts]
+    return outs
+
+
+def test_every_stream_truncation_and_extension_is_rejected():
+    blob, parts = _good_stream()
+    for cut in range(len(blob)):
+        assert _stream_or_error(blob[:cut], parts) is None, cut
+    for extra in (b"\x00", b"\x01\x02\x03\x04", b"\xff" * 9):
+        assert _stream_or_error(blob + extra, parts) is None
+        assert _stream_or_error(extra + blob, parts) is None
+
+
+def _escape_region(blob: bytes, parts: list) -> range:
+    """Where a one-state stream's escapes lie: after the header byte and the final state, before the words."""
+    from splitbits.runtime.codec.tables import zigzag_encode
+
+    start = 1 + 3 + (blob[0] >> 3)
+    escaped = [s[t.values(s, i)[1]] for s, i, t in parts]
+    return range(start, start + len(zigzag_encode(np.concatenate(escaped))))
+
+
+def test_stream_cursors_must_meet():
+    """A byte between the escapes and the words (both intact) is a stream whose cursors do not meet."""
+    blob, parts = _good_stream()
+    end = _escape_region(blob, parts).stop
+    stream = CODER.decode_stream(blob[:end] + b"\x00" + blob[end:])
+    for _, i, t in parts:
+        stream.next(i, t)
+    with pytest.raises(PacketError, match="do not meet"):
+        stream.finish()
+
+
+def test_stream_single_bit_flips_never_crash_and_rans_flips_are_caught():
+    blob, parts = _good_stream(1)
+    escapes = _escape_region(blob, parts)  # raw values: the packet CRC guards them
+    assert len(escapes) > 20
+    silent = rans = 0
+    for i in range(len(blob)):
+        for bit in range(8):
+            bad = bytearray(blob)
+            bad[i] ^= 1 << bit
+            out = _stream_or_error(bytes(bad), parts)
+            if i not in escapes:
+                rans += 1
+                silent += out is not None and not all(np.array_equal(o, s) for o, (s, _, _) in zip(out, parts))
+    assert silent <= 0.01 * rans  # rANS's final-state check catches (almost) every flip
+
+
 @pytest.mark.parametrize("header", [bytes([6]), bytes([0x40]), bytes([0x80]), bytes([5 << 3]), b""])
 def test_invalid_header_bytes(header):
     blob, index, _ = _good(50)
@@ -288,8 +392,44 @@ def test_huge_hostile_blob_is_bounded_by_the_latent_size():
 def test_kernels_are_cached_on_disk():
     from numba.core.caching import NullCache
 
-    for kernel in (nc._encode_kernel, nc._decode_kernel, nc._bucket_table):
+    assert {nc._encode_kernel, nc._decode_kernel, nc._stream_kernel, nc._bucket_table} <= set(nc.KERNELS)
+    for kernel in nc.KERNELS:
         assert not isinstance(kernel._cache, NullCache), kernel
+
+
+WARM_CHECK = """
+import numpy as np
+from splitbits.runtime.codec import CdfTables, numba_coder as nc
+from splitbits.runtime.quant import channel_index
+coder = nc.NumbaCoder()
+coder.warmup()
+before = [len(k.signatures) for k in nc.KERNELS]
+cdf = np.array([[0, 100, 65000, 65536, 0], [0, 1, 2, 3, 65536]], np.int32)
+tables = CdfTables.create(cdf, np.array([4, 5]), np.array([-1, 0]))
+z = np.arange(-3, 3, dtype=np.int32).reshape(2, 1, 3)
+zidx = np.ascontiguousarray(channel_index(z.shape)).reshape(-1)
+idx = np.ones((2, 1, 3), np.int64)  # the hyper path's output: any integer array
+y = np.array([5, -2**31, 0, 1, 2, 3], np.int32).reshape(2, 1, 3)
+for parts in ([(z, zidx, tables), (y, idx, tables)], [(y, idx, tables)]):
+    blob = coder.encode_stream(parts)
+    for data in (blob, memoryview(blob), memoryview(bytearray(blob))[0:len(blob)]):
+        s = coder.decode_stream(data)
+        for _, index, t in parts:
+            s.next(index, t)
+        s.finish()
+print(before == [len(k.signatures) for k in nc.KERNELS], before)
+"""
+
+
+def test_warmup_compiles_every_kernel_the_stream_api_uses():
+    """In a fresh process, after warmup() the production calls (streams from bytes or views of received
+    buffers, int64 or int32 indexes) compile nothing more: the first packet does not wait for the JIT."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WARM_CHECK], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("True"), out.stdout
 
 
 def test_warmup_command_warms_numba(capsys):

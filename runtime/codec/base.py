@@ -1,4 +1,4 @@
-"""The entropy-coder interface: a whole latent per call, no per-symbol Python."""
+"""The entropy-coder interface: a whole latent (or a whole packet's stream) per call, no per-symbol Python."""
 
 from __future__ import annotations
 
@@ -9,19 +9,45 @@ import numpy as np
 
 from splitbits.runtime.codec.tables import CdfTables
 
+#: one part of a stream: (symbols, table index per symbol, the tables they index)
+Part = tuple[np.ndarray, np.ndarray, CdfTables]
+
+
+class StreamDecoder(ABC):
+    """Reads one stream part by part: ``next(index, tables)`` for each part in the encoder's order (the
+    caller may compute a part's ``index`` from the parts before it: MSHP's y indexes come from z), then
+    ``finish()``. Any defect is a ``PacketError``; after one, the decoder refuses every further call."""
+
+    @abstractmethod
+    def next(self, index: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """The next part's symbols (flat int32, ``index.size`` of them; the count never comes from the blob)."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """The stream's integrity check: everything consumed exactly, the coder back at its initial state."""
+
 
 class EntropyCoder(ABC):
     """Lossless coder of int32 symbols, each with the index of the CDF table that models it.
 
-    ``encode(symbols, index, tables)`` and ``decode(blob, index, tables)`` take flat (or any-shape)
-    arrays of equal size; decode returns the symbols as a flat int32 array. A blob is self-delimited
-    within its packet section; a hostile blob yields ``PacketError`` (or, at worst, wrong symbols
-    that the packet checksums catch), never a crash, hang or unbounded allocation.
+    Two blob formats. A *stream* (``encode_stream`` / ``decode_stream``; what a version-2 packet holds)
+    codes several parts — MSHP's z then y, or FP's y alone — in one self-delimited blob whose parts are
+    decoded in order, each after the caller knows its indexes. A *section blob* (``encode`` / ``decode``
+    and the batch API; a version-1 packet's section format) codes one latent. Decoders treat blobs as
+    hostile: a bad one yields ``PacketError`` (or, at worst, wrong symbols that the packet checksums
+    catch), never a crash, hang or unbounded allocation.
     """
 
     #: wire id in the packet header (never reuse a number)
     coder_id: int = 0
     name: str = ""
+
+    @abstractmethod
+    def encode_stream(self, parts: Sequence[Part]) -> bytes:
+        """One blob for all ``parts`` (at least one), decodable part by part in the same order."""
+
+    @abstractmethod
+    def decode_stream(self, blob: bytes | memoryview) -> StreamDecoder: ...
 
     @abstractmethod
     def encode(self, symbols: np.ndarray, index: np.ndarray, tables: CdfTables) -> bytes: ...
