@@ -1,5 +1,5 @@
-"""The CLI of the attacks package: ``splitbits attack`` (one point), ``campaign`` (a grid), ``demo``
-and ``bench attack``. Standard library and ``splitbits.runtime.cli`` only at import."""
+"""The CLI of the attacks package: ``splitbits attack`` (one point), ``campaign`` (a grid), ``demo``,
+``bench attack`` and ``device check``. Standard library and ``splitbits.runtime.cli`` only at import."""
 
 from __future__ import annotations
 
@@ -315,6 +315,54 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_CHECK_DESCRIPTION = """\
+The prepared check of a CUDA machine (issue 14), one JSON out. Steps, each timed and guarded by
+--budget-s (a step whose expected time no longer fits is skipped and says so):
+
+  environment       versions (python, torch, CUDA, cuDNN, numba, onnxruntime, compressai, constriction,
+                    torchvision), the GPU
+  tiny_student      the two-stage Entropic Student recipe (trainer.train: short tiny teacher, stage 1,
+                    stage 2) on builtin: loss per epoch (it must fall), samples/s
+  resnet50_student  stage 1 of a ResNet-50 MSHP student at 224 (random-init teacher, builtin images
+                    upsampled): loss first/last, samples/s
+  bench_attack      `bench attack`: batched vs per-image PGD-E (the 5x target)
+  pgd_e_resnet50    batched PGD-E images/s on the ResNet-50 MSHP student at 224
+  numba_coder       the runtime's coders on ResNet-50 latents on this machine's CPU (`bench codec`)
+
+--dry-run runs every step at tiny sizes on the CPU in seconds (what CI runs). The JSON is rewritten
+after each step. Exit 1 if a step failed or (full run) a check is not met. On a lent GPU machine
+run it through jetson/device_check.sh, which installs the carried wheels first (README: Device check).
+"""
+
+
+def _device_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: every code path in seconds (CI)")
+    p.add_argument("--json", type=output_file, default=None, metavar="FILE",
+                   help="default: docs/device/<date>-<gpu or host>.json (a dry run: runs/device/...-dry-run.json)")
+    p.add_argument("--budget-s", type=positive_float, default=420.0,
+                   help="seconds for all the steps; a step that would not fit is skipped")
+    p.add_argument("--device", default="auto", help="auto (CUDA; the CPU with --dry-run), cuda, cuda:N, cpu")
+    p.add_argument("--skip", action="append", default=[], metavar="STEP",
+                   help="skip a step (repeatable, or comma-separated)")
+
+
+def _device_check_run(args: argparse.Namespace) -> int:
+    with needs_extra("attacks"):
+        from splitbits.attacks.device_check import CheckOptions, run_check
+
+    skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
+    result, path = run_check(CheckOptions(device=args.device, dry_run=args.dry_run, budget_s=args.budget_s,
+                                          skip=skip), args.json, say=lambda line: print(line, flush=True))
+    failed = [k for k, v in result["steps"].items() if v["status"] == "failed"]
+    unmet = [k for k, ok in result["checks"].items() if not ok]
+    print(f"device check on {result['device']} in {result['wall_s']:.1f} s: "
+          + ", ".join(f"{k} {v['status']}" for k, v in result["steps"].items()))
+    judged = "" if result["checks_judged"] else " (a dry run: not judged)"
+    print(f"checks not met{judged}: {', '.join(unmet) or 'none'}")
+    print(f"wrote {path}")
+    return 1 if failed or (unmet and result["checks_judged"]) else 0
+
+
 COMMANDS = {
     "demo": Command(
         "train, export, run and report on the builtin dataset (what `make demo` runs)",
@@ -326,4 +374,6 @@ COMMANDS = {
                         _campaign_args, _campaign_run, description=CAMPAIGN_DESCRIPTION),
     "bench.attack": Command("batched vs per-image attack throughput (images/s)",
                             _bench_attack_args, _bench_attack_run, description=BENCH_ATTACK_DESCRIPTION),
+    "device.check": Command("the prepared check of a CUDA machine: training, attacks, coders; one JSON",
+                            _device_check_args, _device_check_run, description=DEVICE_CHECK_DESCRIPTION),
 }
