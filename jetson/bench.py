@@ -70,6 +70,7 @@ class _Loop:
         default_factory=lambda: {"edge_total": [], "server_total": [], "end_to_end": []})
     sizes: list[int] = field(default_factory=list)
     ideal: list[float] = field(default_factory=list)
+    headers: list[int] = field(default_factory=list)
     correct: int = 0
     labelled: int = 0
     t_edge: float = 0.0
@@ -91,6 +92,7 @@ def _stage_ms(e: dict[str, float], s: dict[str, float], tx: float) -> dict[str, 
 
 def _timed_loop(enc: EdgeEncoder, dec: ServerDecoder, inputs: InputSet, opts: BenchOptions) -> _Loop:
     """Every input ``opts.repeat`` times: edge encode, modelled transmit, server decode, each timed."""
+    from splitbits.runtime.packet import parse
     from splitbits.runtime.progress import progress_bar
 
     loop = _Loop()
@@ -114,6 +116,7 @@ def _timed_loop(enc: EdgeEncoder, dec: ServerDecoder, inputs: InputSet, opts: Be
                 if r == 0:
                     loop.sizes.append(res.bytes)
                     loop.ideal.append(sum(res.ideal_bits.values()) / 8)
+                    loop.headers.append(res.bytes - parse(res.packet, dec.expect).payload_bytes)
                     label = int(inputs.labels[k])
                     if label >= 0:
                         loop.labelled += 1
@@ -140,6 +143,8 @@ def _figures(bundle: Bundle, loop: _Loop, opts: BenchOptions, n: int) -> dict[st
             "wall_s": wall,
         },
         "bytes": {"packet": summary(loop.sizes), "ideal": summary(loop.ideal),
+                  "header": summary(loop.headers),
+                  "overhead_vs_ideal": summary(np.asarray(loop.sizes) - np.asarray(loop.ideal)),
                   "bits_per_pixel": mean_bytes * 8 / (h * w)},
         "link": {"mbps": opts.link_mbps,
                  "model_ms": transmit_model_ms(mean_bytes)},
@@ -213,7 +218,9 @@ def print_summary(result: dict[str, Any]) -> None:
     rich_table(title, ["stage (ms)", "mean", "p50", "p90", "p99"], rows)
     acc = result["accuracy"]["top1"]
     pw = result["power"]
-    print(f"bytes/image {result['bytes']['packet']['mean']:.1f} (ideal {result['bytes']['ideal']['mean']:.1f})  "
+    b = result["bytes"]
+    print(f"bytes/image {b['packet']['mean']:.1f} (ideal {b['ideal']['mean']:.1f}, "
+          f"+{b['overhead_vs_ideal']['mean']:.1f} B of which header {b['header']['mean']:.0f})  "
           f"accuracy {'–' if acc is None else f'{acc:.3f}'}  "
           f"throughput {result['throughput']['end_to_end_images_per_s']:.1f} img/s  "
           f"peak RSS {result['memory']['peak_rss_mb']:.0f} MB  "

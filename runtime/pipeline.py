@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 from splitbits.runtime import packet as pkt
 from splitbits.runtime.backends import Backend, Session, get_backend
 from splitbits.runtime.bundle import Bundle, load_bundle
-from splitbits.runtime.codec import CODERS, EntropyCoder, get_coder
+from splitbits.runtime.codec import CODERS, CdfTables, EntropyCoder, get_coder
 from splitbits.runtime.errors import BundleError, IndexMismatchError, InputError
 from splitbits.runtime.hyper_int import IntHyperParams
 from splitbits.runtime.quant import (
@@ -154,12 +155,25 @@ class EncodeResult:
     packet: bytes
     symbols: dict[str, np.ndarray]
     idx: np.ndarray | None
-    ideal_bits: dict[str, float]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: per latent, the (table index, tables) its symbols were coded with
+    coded_with: dict[str, tuple[np.ndarray, CdfTables]] = field(default_factory=dict, repr=False)
 
     @property
     def bytes(self) -> int:
         return len(self.packet)
+
+    @cached_property
+    def ideal_bits(self) -> dict[str, float]:
+        """−Σlog₂p per latent under its tables (the likelihood estimate beside the real size), computed
+        on first use: bookkeeping, not part of the edge's work or its timed stages."""
+        return {k: tables.ideal_bits(self.symbols[k], index) for k, (index, tables) in self.coded_with.items()}
+
+
+@lru_cache(maxsize=16)
+def _channel_index(shape: tuple[int, ...]) -> np.ndarray:
+    """The flat contiguous table index of a per-channel latent (FP's y, MSHP's z), built once per shape."""
+    return np.ascontiguousarray(channel_index(shape), dtype=np.int32).reshape(-1)
 
 
 class EdgeEncoder:
@@ -211,35 +225,32 @@ class EdgeEncoder:
         c = self.codec
         if self.family == "fp":
             sy = quantize(y, channel_means(c.y_medians))
-            yidx = channel_index(sy.shape)
             t.lap("quantize")
-            blobs = [self.coder.encode(sy, yidx, c.y_tables)]
-            t.lap("encode")
-            symbols, idx, flags, crc = {"y": sy}, None, 0, 0
-            ideal = {"y": c.y_tables.ideal_bits(sy, yidx)}
-            shapes = [sy.shape]
+            coded = {"y": (_channel_index(sy.shape), c.y_tables)}
+            idx, flags, crc = None, 0, 0
+            symbols = {"y": sy}
         else:
             assert z is not None and self.hyper is not None and c.z_tables is not None
-            zmeans = channel_means(c.z_medians)
-            sz = quantize(z, zmeans)
-            zidx = channel_index(sz.shape)
+            sz = quantize(z, channel_means(c.z_medians))
             t.lap("quantize")
             idx, means = hyper_index_means(self.hyper, sz, c)
             t.lap("hyper")
             sy = quantize(y, means)
             crc = index_checksum(idx)
             t.lap("quantize")
-            blobs = [self.coder.encode(sz, zidx, c.z_tables), self.coder.encode(sy, idx, c.y_tables)]
-            t.lap("encode")
+            coded = {"z": (_channel_index(sz.shape), c.z_tables), "y": (idx, c.y_tables)}
             symbols, flags = {"z": sz, "y": sy}, self.hyper.flag
-            ideal = {"z": c.z_tables.ideal_bits(sz, zidx), "y": c.y_tables.ideal_bits(sy, idx)}
-            shapes = [sz.shape, sy.shape]
-        packet = pkt.pack(pkt.Packet(self.family, self.coder.coder_id, self.bundle.fingerprint8,
-                                     [tuple(s) for s in shapes], blobs, crc, flags))
+        blob = self.coder.encode_stream([(symbols[k], index, tables) for k, (index, tables) in coded.items()])
+        t.lap("encode")
+        packet = pkt.pack(pkt.Packet(self.family, self.coder.coder_id, self._fingerprint, [], [blob], crc, flags))
         t.lap("packet")
         timings.update(t.ms)
         self.last_timings = timings
-        return EncodeResult(packet, symbols, idx, ideal, timings)
+        return EncodeResult(packet, symbols, idx, timings, coded)
+
+    @cached_property
+    def _fingerprint(self) -> bytes:
+        return bytes.fromhex(self.bundle.fingerprint)
 
 
 @dataclass
@@ -266,7 +277,7 @@ class ServerDecoder:
         total = sum(int(np.prod(s)) for s in shapes)
         self.expect = pkt.Expect(
             family=self.bundle.family,
-            fingerprint=self.bundle.fingerprint8,
+            fingerprint=bytes.fromhex(self.bundle.fingerprint),
             shapes=shapes,
             max_bytes=max_packet_bytes or (8 * total + 4096),
             coder_ids=frozenset(cid for cid, _ in CODERS.values()),
@@ -292,30 +303,56 @@ class ServerDecoder:
 
     def decode_latent(self, packet: bytes | memoryview, timer: Timer | None = None
                       ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
-        """Packet → (ŷ [C,H,W], symbols, idx) without running the tail."""
+        """Packet (either format version) → (ŷ [C,H,W], symbols, idx) without running the tail."""
         t = timer or Timer()
         p = pkt.parse(packet, self.expect)
         coder = get_coder(p.coder_id)
-        c = self.codec
         t.lap("parse")
+        if p.version == 1:
+            return self._decode_sections(p, coder, t)
+        c = self.codec
+        stream = coder.decode_stream(p.blobs[0])
         if p.family == "fp":
-            yshape = p.shapes[0]
-            sy = coder.decode(p.blobs[0], channel_index(yshape), c.y_tables).reshape(yshape)
+            sy = stream.next(_channel_index(p.shapes[0]), c.y_tables).reshape(p.shapes[0])
+            stream.finish()
             t.lap("decode")
-            y_hat = dequantize(sy, channel_means(c.y_medians))
-            return y_hat, {"y": sy}, None
+            return dequantize(sy, channel_means(c.y_medians)), {"y": sy}, None
         assert c.z_tables is not None
         zshape, yshape = p.shapes
-        zidx = channel_index(zshape)
-        sz = coder.decode(p.blobs[0], zidx, c.z_tables).reshape(zshape)
+        sz = stream.next(_channel_index(zshape), c.z_tables).reshape(zshape)
         t.lap("decode")
-        idx, means = hyper_index_means(self._hyper_for(p.flags), sz, c)
+        idx, means = self._checked_index_means(sz, p)
         t.lap("hyper")
-        if index_checksum(idx) != p.idx_crc:
+        sy = stream.next(idx, c.y_tables).reshape(yshape)
+        stream.finish()
+        t.lap("decode")
+        return dequantize(sy, means), {"z": sz, "y": sy}, idx
+
+    def _checked_index_means(self, sz: np.ndarray, p: pkt.Packet) -> tuple[np.ndarray, np.ndarray]:
+        """(idx, means) recomputed from ẑ, refused unless idx matches the packet's check."""
+        idx, means = hyper_index_means(self._hyper_for(p.flags), sz, self.codec)
+        if index_checksum(idx) & pkt.IDX_CHECK_MASK[p.version] != p.idx_crc:
             raise IndexMismatchError(
-                "scale indexes recomputed here differ from the encoder's (hyper-synthesis mismatch "
-                "across devices); refusing to decode a corrupted tensor"
+                "scale indexes recomputed here differ from the encoder's (a hyper-synthesis mismatch across "
+                "devices, or a forged stream); refusing to decode a corrupted tensor"
             )
+        return idx, means
+
+    def _decode_sections(self, p: pkt.Packet, coder: EntropyCoder, t: Timer
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """A version-1 packet: one section blob per latent."""
+        c = self.codec
+        if p.family == "fp":
+            yshape = p.shapes[0]
+            sy = coder.decode(p.blobs[0], _channel_index(yshape), c.y_tables).reshape(yshape)
+            t.lap("decode")
+            return dequantize(sy, channel_means(c.y_medians)), {"y": sy}, None
+        assert c.z_tables is not None
+        zshape, yshape = p.shapes
+        sz = coder.decode(p.blobs[0], _channel_index(zshape), c.z_tables).reshape(zshape)
+        t.lap("decode")
+        idx, means = self._checked_index_means(sz, p)
+        t.lap("hyper")
         sy = coder.decode(p.blobs[1], idx, c.y_tables).reshape(yshape)
         t.lap("decode")
         return dequantize(sy, means), {"z": sz, "y": sy}, idx

@@ -69,7 +69,7 @@ def _server(family: str) -> ServerDecoder:
     else:
         codec = CodecParams("fp", tables("fp"), y_medians=a["fp_medians"])
         latents, files = {"y": list(Y_SHAPE)}, {}
-    manifest = {"family": family, "fingerprint": a["fingerprint"].tobytes().hex() + "00" * 24,
+    manifest = {"family": family, "fingerprint": a["fingerprint"].tobytes().hex(),
                 "latents": latents, "files": files, "input": {"shape": [3, 8, 8]}}
     return ServerDecoder(Bundle(CORPUS, manifest, codec), _StubBackend())
 
@@ -79,10 +79,10 @@ PACKETS = {p.stem: p.read_bytes() for p in sorted(CORPUS.glob("*.bin"))}
 
 
 #: what the parser says about a packet's frame (header, section table, lengths, CRC)
-PARSER = re.compile("bad magic|truncated packet|exceeds the bound|checksum|made for bundle|format version|family|"
-                    "coder id|flags|sections|section table|has shape|section lengths")
-#: what the coders say about a blob behind a valid frame
-DECODER = re.compile("blob|escape|varint")
+PARSER = re.compile("bad magic|not a splitbits packet|truncated packet|exceeds the bound|checksum|made for bundle|"
+                    "format version|family|coder id|flags|sections|section table|has shape|section lengths")
+#: what the coders say about a blob (or a version-2 stream) behind a valid frame
+DECODER = re.compile("blob|stream|escape|varint")
 
 
 def _outcomes(data: bytes) -> dict[str, PacketError | None]:
@@ -113,8 +113,15 @@ def _stage(exc: PacketError | None) -> str:
 
 
 def test_corpus_is_present():
-    assert sum(n.startswith("valid-") for n in PACKETS) >= 8
-    assert sum(n.startswith("bad-") for n in PACKETS) >= 25
+    for version in ("", "-v2"):
+        assert sum(n.startswith("valid-") and ("-v2" in n) == bool(version) for n in PACKETS) >= 8
+        assert sum(n.startswith("bad-") and ("-v2" in n) == bool(version) for n in PACKETS) >= 25
+    assert sum(n.startswith("flip-v2-") for n in PACKETS) >= 40
+
+
+def _want(name: str) -> str:
+    """The stage a ``bad-*`` corpus packet must stop at, by its name."""
+    return "decoder" if name.startswith("bad-blob-") else "idx" if name.startswith("bad-idx-") else "parser"
 
 
 @pytest.mark.parametrize("name", sorted(PACKETS))
@@ -125,8 +132,30 @@ def test_corpus_packet(name):
         assert stages[fam] == "decoded", "a valid packet must decode"
         assert stages["fp" if fam == "mshp" else "mshp"] == "parser", "the other family's server must refuse it"
     elif name.startswith("bad-"):
-        want = "decoder" if name.startswith("bad-blob-") else "idx" if name == "bad-idx-crc" else "parser"
+        want = _want(name)
         assert want in stages.values() and set(stages.values()) <= {want, "parser"}, stages
+    elif name.startswith("hostile-"):  # random streams in valid frames: refused past the parser
+        assert stages["mshp"] in ("decoder", "idx") and stages["fp"] == "parser", stages
+
+
+def test_every_v2_frame_field_is_refused_by_its_own_check():
+    """Each field of the version-2 frame, broken, is refused with the error that names it."""
+    from splitbits.runtime.errors import VersionError, WrongBundleError
+
+    def err(name: str) -> PacketError | None:
+        return _outcomes(PACKETS[name])["mshp"]
+
+    assert isinstance(err("bad-v2-version"), VersionError)
+    assert isinstance(err("bad-v2-wrong-bundle"), WrongBundleError)
+    assert isinstance(err("bad-v2-fingerprint-tag-flip"), WrongBundleError)
+    assert "checksum" in str(err("bad-v2-wrong-bundle-same-tag"))  # the CRC, seeded with the full fingerprint
+    for name in ("bad-v2-crc", "bad-v2-idx-flip", "bad-v2-blob-flip", "bad-v2-one-byte-short", "bad-v2-trailing-byte"):
+        assert "checksum" in str(err(name)), name
+    assert "family" in str(err("bad-v2-family"))
+    assert "coder id" in str(err("bad-v2-coder-0")) and "coder id" in str(err("bad-v2-coder-3"))
+    assert "flags" in str(_outcomes(PACKETS["bad-v2-fp-with-flag"])["fp"])
+    assert "exceeds" in str(err("bad-v2-oversized"))
+    assert isinstance(err("bad-idx-check-v2"), IndexMismatchError)
 
 
 def test_valid_packets_decode_to_their_symbols():
@@ -135,8 +164,9 @@ def test_valid_packets_decode_to_their_symbols():
         if name.startswith("valid-mshp"):
             _, syms, idx = SERVERS["mshp"].decode_latent(data)
             assert syms["z"].shape == Z_SHAPE and syms["y"].shape == Y_SHAPE and idx.shape == Y_SHAPE
-    extremes = SERVERS["mshp"].decode_latent(PACKETS["valid-mshp-numba-1"])[1]["z"]
-    assert (extremes == np.iinfo(np.int32).min).all()
+    for name in ("valid-mshp-numba-1", "valid-mshp-numba-v2-1", "valid-mshp-constriction-v2-1"):
+        extremes = SERVERS["mshp"].decode_latent(PACKETS[name])[1]["z"]  # z all escapes, read before y
+        assert (extremes == np.iinfo(np.int32).min).all(), name
 
 
 def _recrc(body: bytes) -> bytes:
@@ -190,9 +220,9 @@ VALID = {name: pkt.parse(data, SERVERS[name.split("-")[1]].expect)
 
 @st.composite
 def framed(draw) -> tuple[str, list[str], bool, bytes]:
-    """A packet with a valid frame for one server (header, shapes, lengths, CRC of a corpus packet) around
-    blobs that are the valid one, random bytes, or the valid one's first bytes followed by random ones;
-    its idx CRC the valid one or random."""
+    """A packet with a valid frame for one server (a corpus packet's header — and in version 1 its shapes
+    and lengths — and a valid CRC) around blobs that are the valid one, random bytes, or the valid one's
+    first bytes followed by random ones; its scale-index check the valid one or random."""
     p = VALID[draw(st.sampled_from(sorted(VALID)))]
     kinds = [draw(st.sampled_from(["valid", "random", "prefix"])) for _ in p.blobs]
     blobs = []
@@ -202,8 +232,8 @@ def framed(draw) -> tuple[str, list[str], bool, bytes]:
         elif kind == "prefix":
             blob = blob[:draw(st.integers(1, max(1, min(12, len(blob)))))] + draw(st.binary(max_size=300))
         blobs.append(blob)
-    crc = p.idx_crc if draw(st.booleans()) else draw(st.integers(0, 2**32 - 1))
-    data = pkt.pack(pkt.Packet(p.family, p.coder_id, p.fingerprint, p.shapes, blobs, crc, p.flags))
+    crc = p.idx_crc if draw(st.booleans()) else draw(st.integers(0, pkt.IDX_CHECK_MASK[p.version]))
+    data = pkt.pack(pkt.Packet(p.family, p.coder_id, p.fingerprint, p.shapes, blobs, crc, p.flags, p.version))
     return p.family, kinds, crc == p.idx_crc, data
 
 
@@ -219,11 +249,29 @@ def test_random_bodies_in_valid_frames_reach_the_decoders(case):
     event(f"{family}: {stage}")
     if kinds == ["valid"] * len(kinds) and (crc_ok or family == "fp"):
         assert stage == "decoded"
-    elif family == "mshp" and kinds[0] == "valid":  # z decodes: the recomputed idx is checked first
+    elif family == "mshp" and kinds == ["valid"]:  # version 2, the valid stream: only the idx check is wrong
+        assert stage == "idx"
+    elif family == "mshp" and kinds[0] == "valid":  # version 1, z decodes: the recomputed idx is checked first
         assert stage == ("decoder" if crc_ok else "idx") or (stage == "decoded" and crc_ok)
     else:
         assert stage in ("decoder", "idx", "decoded")
         assert stage != "idx" or family == "mshp"
+
+
+@settings(max_examples=max(50, EXAMPLES // 5), deadline=None, suppress_health_check=list(HealthCheck))
+@given(tag=st.integers(0, 255), fp_tag=st.integers(0, 255), rest=st.binary(max_size=200))
+def test_version2_frames_never_crash(tag, fp_tag, rest):
+    """Any tag and fingerprint tag in front of any bytes, with a CRC valid for the servers' bundle: the
+    parser refuses the frame unless the tag is one of the server's and the fingerprint tag its bundle's;
+    past it, the coders and the idx check refuse what is wrong."""
+    fingerprint = SERVERS["mshp"].expect.fingerprint
+    body = bytes([tag, fp_tag]) + rest
+    data = body + struct.pack("<I", zlib.crc32(body, zlib.crc32(fingerprint)))
+    for family, exc in _outcomes(data).items():
+        coder, flag = (tag >> 1) & 3, tag & 1
+        frame_ok = (tag >> 4 == 2 and fp_tag == fingerprint[0] and bool(tag & 8) == (family == "mshp")
+                    and coder in (1, 2) and (family == "mshp" or not flag) and len(data) >= 6 + 3 * (family == "mshp"))
+        assert (_stage(exc) == "parser") != frame_ok or tag == 0x53, (family, exc)
 
 
 @settings(max_examples=max(50, EXAMPLES // 5), deadline=None, suppress_health_check=list(HealthCheck))
@@ -246,3 +294,4 @@ def test_server_keeps_serving_after_hostile_packets():
             _outcomes(data)
     assert _outcomes(PACKETS["valid-mshp-numba-0"])["mshp"] is None
     assert _outcomes(PACKETS["valid-fp-constriction"])["fp"] is None
+    assert _outcomes(PACKETS["valid-mshp-numba-v2-0"])["mshp"] is None

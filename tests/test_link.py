@@ -141,8 +141,9 @@ def test_serve_answers_good_packets_and_errors_bad_ones_on_the_same_connection(m
             tampered[30] ^= 0xFF
             bad2 = await c.request(bytes(tampered))
             wrong_bundle = bytearray(packets[2])
-            wrong_bundle[8:16] = b"\x11" * 8  # another bundle's fingerprint, with a valid CRC
-            wrong_bundle[-4:] = (zlib.crc32(bytes(wrong_bundle[:-4])) & 0xFFFFFFFF).to_bytes(4, "little")
+            other = bytes([wrong_bundle[1] ^ 0x11]) + bytes(31)  # another bundle's fingerprint, with a valid CRC
+            wrong_bundle[1] = other[0]
+            wrong_bundle[-4:] = zlib.crc32(other + bytes(wrong_bundle[:-4])).to_bytes(4, "little")
             bad3 = await c.request(bytes(wrong_bundle))
             again = await c.request(packets[1], want_logits=True)
             return good, bad, bad2, bad3, again, srv.stats

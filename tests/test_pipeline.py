@@ -116,3 +116,86 @@ def test_index_mismatch_is_an_explicit_error(tiny_bundles, pipes, images):
     dec._hypers[0] = Skewed()
     with pytest.raises(IndexMismatchError):
         dec.decode(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# packet format version 2 (what the edge writes) and version 1 (still read)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,frame", [("fp", 6), ("mshp", 9)])
+def test_edge_writes_version_2_with_one_stream(family, frame, pipes, images):
+    from splitbits.runtime import packet as pkt
+
+    enc, dec = pipes[family]
+    res = enc.analyze(images[0])
+    p = pkt.parse(res.packet, dec.expect)
+    assert p.version == 2 and len(p.blobs) == 1
+    assert len(res.packet) - p.payload_bytes == frame  # tag, fingerprint tag[, idx check], CRC
+
+
+def _as_version_1(enc: EdgeEncoder, res) -> bytes:
+    """The packet version 1 made for this image: one section blob per latent, the 45/35-byte frame."""
+    from splitbits.runtime import packet as pkt
+    from splitbits.runtime.quant import index_checksum
+
+    names = ["z", "y"] if enc.family == "mshp" else ["y"]
+    blobs = [enc.coder.encode(res.symbols[k], *res.coded_with[k]) for k in names]
+    crc = index_checksum(res.idx) if res.idx is not None else 0
+    flags = enc.hyper.flag if enc.hyper is not None else 0
+    return pkt.pack(pkt.Packet(enc.family, enc.coder.coder_id, bytes.fromhex(enc.bundle.fingerprint)[:8],
+                               [res.symbols[k].shape for k in names], blobs, crc, flags, version=1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_version_1_packets_still_decode(family, pipes, images):
+    enc, dec = pipes[family]
+    for img in images[:3]:
+        res = enc.analyze(img)
+        old = _as_version_1(enc, res)
+        assert len(old) > len(res.packet)
+        new_out, old_out = dec.decode_full(res.packet), dec.decode_full(old)
+        for k, v in res.symbols.items():
+            np.testing.assert_array_equal(old_out.symbols[k], v)
+            np.testing.assert_array_equal(new_out.symbols[k], v)
+        np.testing.assert_array_equal(old_out.logits, new_out.logits)
+    flipped = bytearray(old)
+    flipped[-1] ^= 1
+    with pytest.raises(PacketError, match="checksum"):
+        dec.decode(bytes(flipped))
+
+
+def test_version_2_idx_check_refuses_other_scale_indexes(pipes, images):
+    """The 24-bit idx check (CRC fixed up, so the frame is valid) is what stops a stream decoded with
+    scale indexes other than the encoder's."""
+    import struct
+    import zlib
+
+    enc, dec = pipes["mshp"]
+    data = bytearray(enc.encode(images[0]))
+    data[2] ^= 0x01
+    body = bytes(data[:-4])
+    forged = body + struct.pack("<I", zlib.crc32(dec.expect.fingerprint + body))
+    with pytest.raises(IndexMismatchError):
+        dec.decode(forged)
+
+
+def test_packet_for_another_bundle_is_refused(pipes, images):
+    from splitbits.runtime.errors import WrongBundleError
+
+    fp_packet = pipes["fp"][0].encode(images[0])
+    mshp_dec = pipes["mshp"][1]
+    err = WrongBundleError if fp_packet[1] != mshp_dec.expect.fingerprint[0] else PacketError
+    with pytest.raises(err):
+        mshp_dec.decode(fp_packet)
+
+
+def test_ideal_bits_are_bookkeeping_outside_the_edge_stages(pipes, images):
+    """The likelihood estimate is computed when first read, not inside the timed edge stages."""
+    enc, _ = pipes["mshp"]
+    res = enc.analyze(images[0])
+    assert "ideal_bits" not in vars(res)  # not computed by analyze()
+    c = enc.codec
+    want = {"z": c.z_tables.ideal_bits(res.symbols["z"], res.coded_with["z"][0]),
+            "y": c.y_tables.ideal_bits(res.symbols["y"], res.idx)}
+    assert res.ideal_bits == want and set(res.timings_ms) >= {"quantize", "hyper", "encode", "packet"}
