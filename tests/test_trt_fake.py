@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from trt_fakes import FakeCudart, FakeTrt
+from trt_fakes import GLOBAL, SUCCESS, THREAD_LOCAL, FakeCudart, FakeTrt
 
 from splitbits.export.precision import plan_fp32
 from splitbits.export.tensorrt import TrtBuildOptions, build_engines
@@ -23,6 +25,7 @@ from splitbits.runtime.errors import BackendError
 from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
 
 SLUG = "fake-gpu"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -78,8 +81,8 @@ def test_trt11_has_no_weak_typing_so_fp16_comes_from_the_onnx(bundle_copy):
     assert res.ok, res.verification["problems"]
     head = next(x for x in trt.builds if "head" in x["meta"]["onnx"])
     assert head["meta"]["strong"] and head["meta"]["onnx"].endswith("engines/head.fp16-mixed.onnx")
-    assert head["network"].flags == 1 << FakeTrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    assert head["config"].flags == set()  # no precision flags exist any more
+    assert head["network"].strongly_typed
+    assert head["config"].flags == set() and trt.deprecated == []  # no precision flags exist any more
     assert all(g.typing == "strong" for g in res.graphs)
 
 
@@ -212,3 +215,302 @@ def test_bench_on_the_tensorrt_backend(bundle_copy, installed_fakes, tmp_path):
     assert status == 0 and result["status"] == "ok"
     assert result["backend"]["backend"] == "tensorrt" and result["backend"]["cuda_graph"] == "true"
     assert result["verification"]["tolerance"] == {"atol": 5e-2, "rtol": 5e-2}
+
+
+# --------------------------------------------------------------------------------------------
+# the fakes' rules: each can fail, so the tests above and below can
+# --------------------------------------------------------------------------------------------
+
+GDN_NODES = ("/encoder/encoder.1/", "/encoder/encoder.3/")  # the fp bundle's head GDNs
+
+
+def _fake_build(trt, onnx_path, *, flags: int = 0, builder_flags=(), pins=(), max_batch: int = 2):
+    """Drive the fake builder directly (not through splitbits): serialised engine or None."""
+    builder = trt.Builder(trt.Logger())
+    network = builder.create_network(flags)
+    assert trt.OnnxParser(network, None).parse_from_file(str(onnx_path))
+    config = builder.create_builder_config()
+    for f in builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, f))
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name.startswith(tuple(pins)):
+            layer.precision = trt.float32
+    profile = builder.create_optimization_profile()
+    inp = network.get_input(0)
+    dims = inp.shape[1:]
+    profile.set_shape(inp.name, (1, *dims), (max_batch, *dims), (max_batch, *dims))
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config)
+
+
+class _Rig:
+    """One fake engine, its device buffers (batch ``max_batch``) and a stream, driven by hand."""
+
+    def __init__(self, trt, engine_bytes, max_batch: int = 2) -> None:
+        self.cudart = trt.cudart
+        self.engine = trt.Runtime(None).deserialize_cuda_engine(engine_bytes)
+        self.stream = self.cudart.cudaStreamCreateWithFlags(1)[1]
+        self.dims = {n: self.engine.get_tensor_shape(n)[1:] for n in self.engine.names}
+        self.ptr = {n: self.cudart.cudaMalloc(max_batch * int(np.prod(d)) * 4)[1] for n, d in self.dims.items()}
+        self.x = self.engine.input_names[0]
+
+    def context(self, strategy: str = "STATIC"):
+        ctx = self.engine.create_execution_context(strategy)
+        assert all(ctx.set_tensor_address(n, p) for n, p in self.ptr.items())
+        return ctx
+
+    def enqueue(self, ctx, x: np.ndarray) -> bool:
+        self.cudart.write(self.ptr[self.x], x.astype(np.float32))
+        assert ctx.set_input_shape(self.x, x.shape)
+        return ctx.execute_async_v3(int(self.stream))
+
+    def output(self, name: str, batch: int) -> np.ndarray:
+        n = batch * int(np.prod(self.dims[name]))
+        return self.cudart.read(self.ptr[name], 4 * n).view(np.float32).reshape(batch, *self.dims[name])
+
+
+def _ort(onnx_path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _golden_x(bundle) -> np.ndarray:
+    return np.load(bundle / "golden" / "golden.npz")["x"].astype(np.float32)
+
+
+def test_fake_strongly_typed_networks_reject_precision_settings(tiny_bundles):
+    head = tiny_bundles["fp"] / "head.onnx"
+    trt10 = FakeTrt(FakeCudart(), "10.3.0.30")
+    strong = 1 << trt10.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert _fake_build(trt10, head, flags=strong) is not None
+    assert _fake_build(trt10, head, flags=strong, pins=GDN_NODES) is None
+    assert _fake_build(trt10, head, flags=strong, builder_flags=["FP16"]) is None
+    assert any("strongly typed" in e for e in trt10.errors)
+    trt11 = FakeTrt(FakeCudart(), "11.1.0")
+    assert not hasattr(trt11.BuilderFlag, "FP16") and not hasattr(trt11.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
+    with pytest.raises(AttributeError, match="removed in TensorRT 11"):
+        _fake_build(trt11, head, pins=GDN_NODES)
+
+
+def test_fake_fp16_engines_compute_in_fp16(tiny_bundles):
+    b = tiny_bundles["fp"]
+    x = _golden_x(b)
+    trt = FakeTrt(FakeCudart())
+    fp32 = trt.Runtime(None).deserialize_cuda_engine(_fake_build(trt, b / "head.onnx", max_batch=4))
+    fp16 = trt.Runtime(None).deserialize_cuda_engine(_fake_build(
+        trt, b / "head.onnx", builder_flags=["FP16", "OBEY_PRECISION_CONSTRAINTS"], pins=GDN_NODES, max_batch=4))
+    (ref,) = _ort(b / "head.onnx", x)
+    (y32,) = fp32.session.run(None, {"x": x})
+    (y16,) = fp16.session.run(None, {"x": x})
+    assert np.abs(y32 - ref).max() < 1e-5  # FP32 engines compute what ONNX Runtime computes
+    assert 1e-4 < np.abs(y16 - ref).max() < 5e-2  # FP16 engines do not, within the FP16 tolerance
+
+
+def _square_onnx(path: Path) -> Path:
+    """y = x·x, the first thing a GDN computes: above |x| ≈ 256 the square overflows FP16."""
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"], name="square")], "square", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fake_fp32_pins_hold_only_with_obey_and_fp16_overflows(tmp_path, tiny_bundles):
+    trt = FakeTrt(FakeCudart())
+
+    def run(onnx_path, x, *flags, pins=()):
+        data = _fake_build(trt, onnx_path, builder_flags=["FP16", *flags], pins=pins)
+        return trt.Runtime(None).deserialize_cuda_engine(data).session.run(None, {"x": x})[0]
+
+    square, x = _square_onnx(tmp_path / "square.onnx"), np.full((1, 4), 300.0, np.float32)
+    assert np.isinf(run(square, x)).all()  # 90000 > 65504: FP16 overflows
+    assert np.isinf(run(square, x, pins=["square"])).all()  # a pin alone is a hint TensorRT may ignore
+    assert (run(square, x, "OBEY_PRECISION_CONSTRAINTS", pins=["square"]) == 90000).all()
+    head, golden = tiny_bundles["fp"] / "head.onnx", _golden_x(tiny_bundles["fp"])[:1]
+    (ref,) = _ort(head, golden)
+    assert np.abs(run(head, golden, "OBEY_PRECISION_CONSTRAINTS", pins=[""]) - ref).max() < 1e-6  # all FP32
+    assert np.abs(run(head, golden, pins=[""]) - ref).max() > 1e-4
+
+
+def test_fake_copies_and_kernels_wait_for_the_stream():
+    cudart = FakeCudart()
+    stream = cudart.cudaStreamCreateWithFlags(1)[1]
+    dev, host = cudart.cudaMalloc(16)[1], cudart.cudaMallocHost(16)[1]
+    cudart.write(host, np.arange(16, dtype=np.uint8))
+    cudart.cudaMemcpyAsync(dev, host, 16, FakeCudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
+    assert not cudart.read(dev, 16).any()  # not copied yet
+    cudart.cudaStreamSynchronize(stream)
+    assert list(cudart.read(dev, 16)) == list(range(16))
+    back = cudart.cudaMallocHost(16)[1]
+    cudart.cudaMemcpyAsync(back, dev, 16, FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
+    assert not cudart.read(back, 16).any()  # a missing sync reads stale data
+    cudart.cudaStreamSynchronize(stream)
+    assert list(cudart.read(back, 16)) == list(range(16))
+    pageable = np.zeros(16, np.uint8)  # copies to pageable memory are synchronous
+    cudart.cudaMemcpyAsync(pageable.ctypes.data, dev, 16, FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
+    assert list(pageable) == list(range(16))
+
+
+def test_fake_capture_can_fail(tiny_bundles):
+    trt = FakeTrt(FakeCudart(capture_fails=True))
+    rig = _Rig(trt, _fake_build(trt, tiny_bundles["fp"] / "head.onnx"))
+    ctx = rig.context()
+    x = _golden_x(tiny_bundles["fp"])[:1]
+    assert rig.enqueue(ctx, x)  # outside capture the engine runs
+    cudart = trt.cudart
+    assert cudart.cudaStreamBeginCapture(rig.stream, THREAD_LOCAL) == (SUCCESS,)
+    assert not rig.enqueue(ctx, x)
+    err, graph = cudart.cudaStreamEndCapture(rig.stream)
+    assert err == FakeCudart.cudaError_t.cudaErrorStreamCaptureInvalidated and graph is None
+
+
+def test_fake_global_capture_forbids_other_threads_unsafe_calls_thread_local_does_not():
+    cudart = FakeCudart()
+    stream = cudart.cudaStreamCreateWithFlags(1)[1]
+
+    def malloc_elsewhere():
+        out = []
+        t = threading.Thread(target=lambda: out.append(cudart.cudaMalloc(64)[0]))
+        t.start()
+        t.join()
+        return out[0]
+
+    for mode, other, end in [(GLOBAL, "cudaErrorStreamCaptureUnsupported", "cudaErrorStreamCaptureInvalidated"),
+                             (THREAD_LOCAL, "cudaSuccess", "cudaSuccess")]:
+        assert cudart.cudaStreamBeginCapture(stream, mode) == (SUCCESS,)
+        assert malloc_elsewhere().name == other
+        assert cudart.cudaStreamEndCapture(stream)[0].name == end
+    cudart.cudaStreamBeginCapture(stream, THREAD_LOCAL)
+    assert cudart.cudaMalloc(64)[0].name == "cudaErrorStreamCaptureUnsupported"  # the capturing thread may not
+    assert cudart.cudaStreamEndCapture(stream)[0].name == "cudaErrorStreamCaptureInvalidated"
+
+
+def test_fake_first_enqueue_of_a_shape_cannot_be_captured(tiny_bundles):
+    trt = FakeTrt(FakeCudart())
+    rig = _Rig(trt, _fake_build(trt, tiny_bundles["fp"] / "head.onnx"))
+    x = _golden_x(tiny_bundles["fp"])
+    for warm_up, ok in [(False, False), (True, True)]:
+        ctx = rig.context()
+        if warm_up:
+            assert rig.enqueue(ctx, x[:1])
+            trt.cudart.cudaStreamSynchronize(rig.stream)
+        trt.cudart.cudaStreamBeginCapture(rig.stream, THREAD_LOCAL)
+        assert rig.enqueue(ctx, x[:1]) is ok
+        assert (trt.cudart.cudaStreamEndCapture(rig.stream)[0] == SUCCESS) is ok
+
+
+def test_fake_graph_replays_what_it_captured(tiny_bundles):
+    """Kernels keep their captured shapes and addresses; the context's host state is read at
+    replay, so the graph is wrong once its context ran other shapes."""
+    b = tiny_bundles["fp"]
+    trt = FakeTrt(FakeCudart())
+    cudart = trt.cudart
+    rig = _Rig(trt, _fake_build(trt, b / "head.onnx"))
+    x = _golden_x(b)
+    (ref,) = _ort(b / "head.onnx", x[:2])
+    ctx = rig.context()
+    rig.enqueue(ctx, x[:2])
+    cudart.cudaStreamSynchronize(rig.stream)
+    cudart.cudaStreamBeginCapture(rig.stream, THREAD_LOCAL)
+    rig.enqueue(ctx, x[:2])
+    graph = cudart.cudaGraphInstantiate(cudart.cudaStreamEndCapture(rig.stream)[1], 0)[1]
+
+    def replay() -> np.ndarray:
+        cudart.write(rig.ptr["y"], np.zeros(ref.size, np.float32))
+        cudart.cudaGraphLaunch(graph, rig.stream)
+        cudart.cudaStreamSynchronize(rig.stream)
+        return rig.output("y", 2)
+
+    np.testing.assert_allclose(replay(), ref, atol=1e-5)
+    assert ctx.set_input_shape("x", (1, *x.shape[1:]))  # a shape change alone: the kernels keep theirs
+    np.testing.assert_allclose(replay(), ref, atol=1e-5)
+    rig.enqueue(ctx, x[:1])  # the context ran batch 1: its staged state no longer fits the graph
+    cudart.cudaStreamSynchronize(rig.stream)
+    assert np.abs(replay() - ref).max() > 1e-3
+    moved = cudart.cudaMalloc(4 * ref.size)[1]
+    ctx.set_tensor_address("y", moved)  # new addresses: the graph still writes the captured ones
+    cudart.cudaGraphLaunch(graph, rig.stream)
+    cudart.cudaStreamSynchronize(rig.stream)
+    assert not cudart.read(moved, 4 * ref.size).any()
+
+
+def test_fake_cuda_context_belongs_to_a_thread(tiny_bundles):
+    trt = FakeTrt(FakeCudart())
+    cudart = trt.cudart
+    rig = _Rig(trt, _fake_build(trt, tiny_bundles["fp"] / "head.onnx"))
+    ctx = rig.context()
+    x = _golden_x(tiny_bundles["fp"])[:1]
+    results = {}
+
+    def fresh():  # no context current: the runtime binds the primary context
+        results["fresh"] = (cudart.cudaStreamSynchronize(rig.stream)[0], rig.enqueue(ctx, x))
+
+    def foreign():  # another context current: the stream and the engine are not usable here
+        cudart.push_foreign_context()
+        results["foreign"] = (cudart.cudaStreamSynchronize(rig.stream)[0], rig.enqueue(ctx, x))
+        cudart.cudaSetDevice(0)
+        results["bound"] = (cudart.cudaStreamSynchronize(rig.stream)[0], rig.enqueue(ctx, x))
+
+    for fn in (fresh, foreign):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert results["fresh"] == (SUCCESS, True) and results["bound"] == (SUCCESS, True)
+    assert results["foreign"] == (FakeCudart.cudaError_t.cudaErrorInvalidResourceHandle, False)
+
+
+@pytest.mark.parametrize("version,strong_flag,weak_flags,deprecated", [
+    ("8.6.2", None, True, False), ("10.3.0.30", 1, True, False), ("10.12.0", 1, True, True),
+    ("11.1.0", 0, False, None)])
+def test_fake_tensorrt_versions(tiny_bundles, version, strong_flag, weak_flags, deprecated):
+    trt = FakeTrt(FakeCudart(), version)
+    head = tiny_bundles["fp"] / "head.onnx"
+    assert getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) == strong_flag
+    assert hasattr(trt.BuilderFlag, "FP16") == weak_flags
+    network = trt.Builder(None).create_network(0)
+    if version.startswith("8."):  # implicit batch unless asked: the ONNX parser refuses it
+        assert not trt.OnnxParser(network, None).parse_from_file(str(head))
+        explicit = trt.Builder(None).create_network(1 << trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        assert trt.OnnxParser(explicit, None).parse_from_file(str(head))
+        return
+    assert network.strongly_typed == version.startswith("11.")
+    if weak_flags:
+        assert _fake_build(trt, head, builder_flags=["FP16", "OBEY_PRECISION_CONSTRAINTS"], pins=GDN_NODES)
+        assert bool(trt.deprecated) == deprecated
+
+
+def test_fake_refuses_unaligned_addresses_and_another_devices_timing_cache(tiny_bundles):
+    trt = FakeTrt(FakeCudart())
+    rig = _Rig(trt, _fake_build(trt, tiny_bundles["fp"] / "head.onnx"))
+    ctx = rig.context()
+    assert not ctx.set_tensor_address("x", rig.ptr["x"] + 64)
+    assert not ctx.set_tensor_address("nope", rig.ptr["x"])
+    config = trt.Builder(None).create_builder_config()
+    assert config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    assert not config.set_timing_cache(config.create_timing_cache(b"FAKECACHE|Other GPU|++"), ignore_mismatch=False)
+
+
+def test_fake_driver_older_than_the_runtime_fails_every_call():
+    assert FakeCudart(driver_version=12060, runtime_version=12060).cudaMalloc(8)[0] == SUCCESS
+    old = FakeCudart(driver_version=12060, runtime_version=12090)  # Jetson: no minor-version compatibility
+    assert old.cudaMalloc(8)[0].name == "cudaErrorInsufficientDriver"
+    assert old.cudaSetDevice(0)[0].name == "cudaErrorInsufficientDriver"
+    desktop = FakeCudart(driver_version=12040, runtime_version=12090, minor_version_compat=True)
+    assert desktop.cudaMalloc(8)[0] == SUCCESS
+    next_major = FakeCudart(driver_version=12080, runtime_version=13000, minor_version_compat=True)
+    assert next_major.cudaMalloc(8)[0] != SUCCESS
+
+
+def test_fake_user_managed_context_needs_device_memory(tiny_bundles):
+    trt = FakeTrt(FakeCudart())
+    rig = _Rig(trt, _fake_build(trt, tiny_bundles["fp"] / "head.onnx"))
+    x = _golden_x(tiny_bundles["fp"])[:1]
+    ctx = rig.context("USER_MANAGED")
+    assert not rig.enqueue(ctx, x)
+    ctx.set_device_memory(trt.cudart.cudaMalloc(rig.engine.device_memory_size_v2)[1], rig.engine.device_memory_size_v2)
+    assert rig.enqueue(ctx, x)
