@@ -1,18 +1,21 @@
 """``splitbits export BUNDLE --trt``: TensorRT engines for a bundle's ``head``, ``hyper`` and ``tail``.
 
-Written against the TensorRT 10 Python API (JetPack 6: 10.3) and TensorRT 11:
+Written against the TensorRT 10 Python API (JetPack 6.1/6.2: 10.3) and TensorRT 11; TensorRT < 10
+(JetPack 6.0: 8.6) is refused (``runtime.backends.tensorrt.check_tensorrt_version``):
 
-* ``trt.Builder`` → ``create_network(flags)`` (``EXPLICIT_BATCH`` is the default in 10 and not
-  passed; ``STRONGLY_TYPED`` when the precision lives in the ONNX types) → ``trt.OnnxParser``
-  ``parse_from_file`` → builder config: ``set_memory_pool_limit(WORKSPACE)``, an optimisation
-  profile for the dynamic batch axis (min 1, opt, max), a timing cache loaded from and saved beside
-  the engines, TF32 cleared so FP32 layers are real FP32 → ``build_serialized_network``.
-* Precision. *Weak typing* (TensorRT 10 default for fp32/fp16): ``BuilderFlag.FP16`` plus
-  ``OBEY_PRECISION_CONSTRAINTS`` with the GDN layers and everything feeding the entropy model pinned
-  to FP32 (``layer.precision`` and ``set_output_type``). *Strong typing* (TensorRT 11, where those
-  flags are gone, or ``--strongly-typed``): the same plan written into the ONNX as a mixed FP16
-  model. INT8 is always explicit quantisation: a Q/DQ ONNX calibrated on the dataset
-  (``export.precision.quantize_qdq``), built strongly typed — no deprecated calibrators.
+* ``trt.Builder`` → ``create_network(flags)`` (explicit batch is the only mode from 10 on; 10.x gets
+  ``1 << STRONGLY_TYPED`` when the precision lives in the ONNX types, 11 nothing: every network is
+  strongly typed and the flag is deprecated there) → ``trt.OnnxParser.parse_from_file`` → builder
+  config: ``set_memory_pool_limit(WORKSPACE)``, an optimisation profile for the dynamic batch axis
+  (min 1, opt, max), a timing cache loaded from and saved beside the engines (``set_timing_cache``'s
+  refusal is an error), TF32 cleared so FP32 layers are real FP32 → ``build_serialized_network``.
+* Precision (:func:`choose_typing`). *Weak typing*, TensorRT 10.0–10.11 only, their default for
+  fp32/fp16: ``BuilderFlag.FP16`` plus ``OBEY_PRECISION_CONSTRAINTS`` with the GDN layers and
+  everything feeding the entropy model pinned to FP32 (``layer.precision``, ``set_output_type``).
+  *Strong typing*, the default from 10.12 (where those APIs are deprecated; 11 removed them) or with
+  ``--strongly-typed``: the same plan written into the ONNX as a mixed FP16 model
+  (``export.precision.to_mixed_fp16``). INT8 is always explicit quantisation: a Q/DQ ONNX calibrated
+  on the dataset (``export.precision.quantize_qdq``), built strongly typed — no deprecated calibrators.
 * ``hyper`` is always FP32: its scales choose the CDFs and must match the server bit for bit.
 * Engines are named by device, TensorRT version and precision
   (``engines/head.nvidia-jetson-agx-orin-developer-kit.trt10.3.0.fp16.engine``), listed in the
@@ -45,6 +48,7 @@ from splitbits.runtime.backends.tensorrt import (
     ENGINE_DIR,
     INT8_MIN_TOP1,
     PRECISIONS,
+    check_tensorrt_version,
     engine_filename,
     engine_key,
     import_tensorrt,
@@ -52,11 +56,11 @@ from splitbits.runtime.backends.tensorrt import (
     load_cuda,
     slugify,
     timing_cache_filename,
-    version_tag,
+    version_tuple,
 )
 from splitbits.runtime.backends.tensorrt import TOLERANCES as TRT_TOLERANCES
 from splitbits.runtime.bundle import MANIFEST, Bundle, load_bundle, sha256_file
-from splitbits.runtime.errors import BackendError, BundleError, SplitbitsError
+from splitbits.runtime.errors import BackendError, BundleError
 from splitbits.runtime.report import write_json
 from splitbits.runtime.verify import Tolerance, VerifyReport, verify_bundle
 
@@ -66,11 +70,15 @@ log = logging.getLogger(__name__)
 TOLERANCES = {p: Tolerance(atol=a, rtol=r) for p, (a, r) in TRT_TOLERANCES.items()}
 
 
-class TensorRTUnavailable(SplitbitsError):
-    """TensorRT (or CUDA) is not installed here."""
+#: weak typing (precision builder flags, layer precisions) is deprecated from this TensorRT on
+WEAK_TYPING_DEPRECATED = (10, 12)
 
 
-class EngineBuildError(SplitbitsError):
+class TensorRTUnavailable(BackendError):
+    """TensorRT (or CUDA) is not installed here, or too old."""
+
+
+class EngineBuildError(BackendError):
     """TensorRT could not parse the ONNX or build the engine."""
 
 
@@ -159,15 +167,19 @@ def graph_precision(graph: str, requested: str) -> str:
 
 
 def choose_typing(trt_version: str, has_weak_flags: bool, precision: str, requested: bool | None) -> str:
-    """``"strong"`` or ``"weak"``: INT8 (Q/DQ) and TensorRT ≥ 11 are strongly typed; FP32/FP16 on
-    TensorRT 10 default to weak typing with FP32 pins, unless ``requested`` says otherwise."""
-    major = int(version_tag(trt_version).split(".")[0])
-    weak_possible = has_weak_flags and major < 11
+    """``"strong"`` or ``"weak"``. Weak typing only on TensorRT 10.0–10.11, where it is the default for
+    FP32/FP16; from 10.12 (weak typing deprecated there, removed in 11) and for INT8 (Q/DQ) every
+    build is strongly typed; ``requested`` (``--strongly-typed``/``--weakly-typed``) overrides within
+    that. TensorRT < 10 is refused (:class:`BackendError`)."""
+    check_tensorrt_version(trt_version)
+    weak_possible = has_weak_flags and version_tuple(trt_version)[:2] < WEAK_TYPING_DEPRECATED
     if requested is True:
         return "strong"
     if requested is False:
         if not weak_possible:
-            raise EngineBuildError(f"TensorRT {trt_version} has no weak typing (no FP16/INT8 builder flags)")
+            raise EngineBuildError(
+                f"TensorRT {trt_version} builds strongly typed only: weak typing (BuilderFlag.FP16, layer "
+                "precisions) is deprecated in TensorRT 10.12 and removed in 11; drop --weakly-typed")
         return "weak"
     if precision == "int8" or not weak_possible:
         return "strong"
@@ -293,8 +305,8 @@ def build_engine(trt: Any, onnx_path: Path, plan: PinPlan, precision: str, typin
     """Parse and build one engine; returns (serialised engine, number of FP32-pinned layers)."""
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if typing == "strong":
+    flags = 0  # explicit batch: the only mode from TensorRT 10 on
+    if typing == "strong" and version_tuple(str(trt.__version__))[0] < 11:  # 11: always strongly typed
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -306,7 +318,9 @@ def build_engine(trt: Any, onnx_path: Path, plan: PinPlan, precision: str, typin
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers stay IEEE FP32 (entropy model inputs)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineBuildError(f"TensorRT refused the timing cache {cache_path} (made on another GPU or by "
+                               "another TensorRT build?): delete it and build again")
     profile = None
     for i in range(network.num_inputs):
         inp = network.get_input(i)
@@ -443,6 +457,8 @@ def build_engines(bundle_path: str | Path, opts: TrtBuildOptions, *, trt: Any = 
             raise TensorRTUnavailable(f"{exc}. Without TensorRT, --onnx-only prepares the same ONNX and checks "
                                       "it with ONNX Runtime") from exc
     version = str(trt.__version__) if trt is not None else None
+    if version is not None:
+        check_tensorrt_version(version)
     has_weak = trt is not None and hasattr(trt.BuilderFlag, "FP16")
     result = BuildResult(str(bundle_path), "onnx-only" if opts.onnx_only else "tensorrt", opts.precision, None, version)
     prepared = _prepare_graphs(bundle, graphs, opts, version, has_weak, result)

@@ -6,20 +6,23 @@ selection and verification — not TensorRT itself (see test_trt_engine.py for t
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import trt_fakes
 from trt_fakes import GLOBAL, SUCCESS, THREAD_LOCAL, FakeCudart, FakeTrt
 
 from splitbits.export.precision import plan_fp32
-from splitbits.export.tensorrt import TrtBuildOptions, build_engines
+from splitbits.export.tensorrt import TrtBuildOptions, build_engines, choose_typing
 from splitbits.runtime.backends import get_backend
-from splitbits.runtime.backends.tensorrt import CudaPython, TrtBackend
+from splitbits.runtime.backends.tensorrt import CudaPython, TrtBackend, load_cuda
 from splitbits.runtime.bundle import load_bundle
 from splitbits.runtime.errors import BackendError
 from splitbits.runtime.pipeline import EdgeEncoder, ServerDecoder
@@ -81,7 +84,7 @@ def test_trt11_has_no_weak_typing_so_fp16_comes_from_the_onnx(bundle_copy):
     assert res.ok, res.verification["problems"]
     head = next(x for x in trt.builds if "head" in x["meta"]["onnx"])
     assert head["meta"]["strong"] and head["meta"]["onnx"].endswith("engines/head.fp16-mixed.onnx")
-    assert head["network"].strongly_typed
+    assert head["network"].flags == 0 and head["network"].strongly_typed  # 11: every network is strongly typed
     assert head["config"].flags == set() and trt.deprecated == []  # no precision flags exist any more
     assert all(g.typing == "strong" for g in res.graphs)
 
@@ -514,3 +517,131 @@ def test_fake_user_managed_context_needs_device_memory(tiny_bundles):
     assert not rig.enqueue(ctx, x)
     ctx.set_device_memory(trt.cudart.cudaMalloc(rig.engine.device_memory_size_v2)[1], rig.engine.device_memory_size_v2)
     assert rig.enqueue(ctx, x)
+
+
+# --------------------------------------------------------------------------------------------
+# the review's defects (issue 14), each with the test that failed before its fix
+# --------------------------------------------------------------------------------------------
+
+
+def test_1_tensorrt_8_6_is_refused_naming_jetpack_6_1_and_6_2(bundle_copy):
+    cudart = FakeCudart()
+    trt = FakeTrt(cudart, version="8.6.2")
+    with pytest.raises(BackendError, match=r"TensorRT 8\.6\.2 .*JetPack 6\.1 or 6\.2"):
+        TrtBackend(trt=trt, cuda=CudaPython(cudart))
+    with pytest.raises(BackendError, match=r"JetPack 6\.1 or 6\.2"):
+        _build(bundle_copy("fp"), trt, CudaPython(cudart), precision="fp16")
+    with pytest.raises(BackendError, match=r"JetPack 6\.1 or 6\.2"):
+        choose_typing("8.6.2", True, "fp16", None)
+
+
+def test_2_pycuda_is_not_a_fallback(monkeypatch):
+    """pycuda.autoinit's context is current on the importing thread only, and ``send`` runs the
+    encoder on a worker thread: without cuda-python the backend says so instead."""
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+    pycuda = types.ModuleType("pycuda")
+    pycuda.autoinit = types.ModuleType("pycuda.autoinit")
+    pycuda.driver = types.ModuleType("pycuda.driver")
+    for name, mod in (("pycuda", pycuda), ("pycuda.autoinit", pycuda.autoinit), ("pycuda.driver", pycuda.driver)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    with pytest.raises(BackendError, match=r"cuda-python is not installed"):
+        load_cuda()
+
+
+def test_2_sessions_run_on_any_thread_in_the_primary_context(bundle_copy, fakes, images):
+    trt, cuda, cudart = fakes
+    b = bundle_copy("fp")
+    _build(b, trt, cuda, precision="fp32")
+    enc = EdgeEncoder(b, TrtBackend(precision="fp32", trt=trt, cuda=cuda))
+    ref = EdgeEncoder(b, "onnxruntime")
+
+    def worker(image):  # like send's thread pool, where another library left its context current
+        cudart.push_foreign_context()
+        return enc.encode(image)
+
+    with ThreadPoolExecutor(2) as pool:
+        packets = list(pool.map(worker, images[:4]))
+    assert packets == [ref.encode(im) for im in images[:4]]
+
+
+def test_3_capture_failure_falls_back_to_plain_execution_with_the_real_error(bundle_copy, images, caplog):
+    cudart = FakeCudart(capture_fails=True)
+    trt, cuda = FakeTrt(cudart), CudaPython(cudart)
+    b = bundle_copy("fp")
+    _build(b, trt, cuda, precision="fp32")
+    be = TrtBackend(precision="fp32", cuda_graph=True, trt=trt, cuda=cuda)
+    enc, ref = EdgeEncoder(b, be), EdgeEncoder(b, "onnxruntime")
+    with caplog.at_level(logging.WARNING):
+        assert [enc.encode(images[i % 2]) for i in range(3)] == [ref.encode(images[i % 2]) for i in range(3)]
+    assert cudart.launches == 0 and not cudart.captures  # no graph; the failed capture was ended
+    fallback = be.describe()["cuda_graph_fallback"]
+    assert "execute_async_v3 failed" in fallback and "Invalidated" not in fallback
+    assert "CUDA graph capture failed" in caplog.text and "plain execution" in caplog.text
+
+
+def test_3_capture_is_thread_local_so_other_threads_may_allocate(bundle_copy, fakes, images):
+    trt, cuda, cudart = fakes
+    b = bundle_copy("fp")
+    _build(b, trt, cuda, precision="fp32")
+    enc = EdgeEncoder(b, TrtBackend(precision="fp32", cuda_graph=True, trt=trt, cuda=cuda))
+    other = []
+
+    def another_thread_allocates():  # e.g. the server's decode thread setting up while the edge captures
+        t = threading.Thread(target=lambda: other.append(cudart.cudaMalloc(64)[0]))
+        t.start()
+        t.join()
+
+    cudart.during_capture = another_thread_allocates
+    assert enc.encode(images[0]) == enc.encode(images[0]) == EdgeEncoder(b, "onnxruntime").encode(images[0])
+    assert other == [SUCCESS] and cudart.capture_modes == [THREAD_LOCAL] and cudart.launches == 1
+
+
+def test_4_cuda_graphs_replay_the_right_batch_when_batches_split_2_2_1(bundle_copy, fakes, images):
+    trt, cuda, cudart = fakes
+    b = bundle_copy("fp")
+    _build(b, trt, cuda, precision="fp32", max_batch=2)
+    graphs = ServerDecoder(b, TrtBackend(precision="fp32", cuda_graph=True, trt=trt, cuda=cuda))
+    packets = [EdgeEncoder(b, "onnxruntime").encode(im) for im in images[:5]]
+    want = ServerDecoder(b, "onnxruntime").decode_batch(packets)
+    for _ in range(2):  # 2, 2, 1, then 2 again: the batch-2 graph replays after a batch-1 run
+        np.testing.assert_allclose(graphs.decode_batch(packets), want, atol=1e-4)
+        np.testing.assert_allclose(graphs.decode_batch(packets[:2]), want[:2], atol=1e-4)
+    assert cudart.launches == 6  # 8 runs, of which the first of each shape (2 and 1) captured
+
+
+def test_5_tensorrt_10_12_builds_strongly_typed_without_the_deprecated_weak_typing_apis(bundle_copy):
+    cudart = FakeCudart()
+    trt = FakeTrt(cudart, version="10.12.0")
+    res = _build(bundle_copy("mshp"), trt, CudaPython(cudart), precision="fp16")
+    assert res.ok, res.verification["problems"]
+    assert trt.deprecated == []  # no BuilderFlag.FP16 / OBEY_PRECISION_CONSTRAINTS / layer.precision
+    head = next(x for x in trt.builds if "head" in x["meta"]["onnx"])
+    assert head["network"].strongly_typed and head["meta"]["onnx"].endswith("engines/head.fp16-mixed.onnx")
+    assert all(g.typing == "strong" for g in res.graphs)
+
+
+def test_6_a_driver_older_than_cuda_pythons_runtime_is_a_clear_error():
+    cudart = FakeCudart(driver_version=12060, runtime_version=12090)  # JetPack 6.1/6.2 with cuda-python 12.9
+    want = r"driver supports CUDA 12\.6 .*CUDA runtime 12\.9.*cuda-python>=12\.6,<12\.7"
+    with pytest.raises(BackendError, match=want):
+        TrtBackend(trt=FakeTrt(cudart), cuda=CudaPython(cudart))
+
+
+def test_7_a_refused_tensor_address_is_a_clear_error(bundle_copy, fakes, monkeypatch):
+    trt, cuda, _ = fakes
+    b = bundle_copy("fp")
+    _build(b, trt, cuda, precision="fp32")
+    monkeypatch.setattr(trt_fakes._Context, "set_tensor_address", lambda self, name, ptr: False)
+    with pytest.raises(BackendError, match=r"TensorRT refused the device address of x"):
+        TrtBackend(precision="fp32", trt=trt, cuda=cuda).load(load_bundle(b), "head")
+
+
+def test_7_a_refused_timing_cache_is_a_clear_error(bundle_copy, fakes):
+    trt, cuda, _ = fakes
+    b = bundle_copy("fp")
+    cache = b / "engines" / f"{SLUG}.trt10.3.0.timing.cache"
+    cache.parent.mkdir()
+    cache.write_bytes(b"FAKECACHE|Other GPU|+++")  # copied from another machine with the same board name
+    with pytest.raises(BackendError, match=r"TensorRT refused the timing cache .*delete it"):
+        _build(b, trt, cuda, precision="fp32")

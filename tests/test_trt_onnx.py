@@ -231,6 +231,19 @@ def test_typing_and_precision_decisions():
         choose_typing("11.0.0", False, "fp16", False)
 
 
+def test_5_weak_typing_only_below_tensorrt_10_12():
+    """Weak typing (BuilderFlag.FP16 + FP32 pins) is deprecated in 10.12 and gone in 11: from 10.12
+    every build is strongly typed by default, and asking for weak typing is an error."""
+    from splitbits.export.tensorrt import EngineBuildError
+
+    assert choose_typing("10.11.0.33", True, "fp16", None) == "weak"
+    assert choose_typing("10.12.0.36", True, "fp16", None) == "strong"
+    assert choose_typing("10.12.0.36", True, "fp32", None) == "strong"
+    assert choose_typing("10.13.3", True, "fp16", True) == "strong"
+    with pytest.raises(EngineBuildError, match=r"deprecated in TensorRT 10\.12"):
+        choose_typing("10.12.0.36", True, "fp16", False)
+
+
 def test_layer_pin_matching(tiny_bundles):
     plan = plan_fp32(onnx.load(str(tiny_bundles["mshp"] / "head.onnx")), "head")
     assert onnx_names_of_layer("conv_7", "[ONNX Layer: /g_a/g_a.1/Conv]\x1f[ONNX Layer: /g_a/g_a.1/Mul]") == \
