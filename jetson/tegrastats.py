@@ -2,16 +2,17 @@
 
 Lines differ by board and JetPack; the parser takes what is there::
 
-    Orin (JetPack 6): RAM 2436/30593MB (lfb 6777x4MB) SWAP 0/15296MB (cached 0MB)
-                      CPU [2%@729,1%@729,off,...] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[305,305] ...
-                      cpu@45.5C gpu@43.468C ... VDD_GPU_SOC 2387mW/2387mW VDD_CPU_CV 398mW/398mW
-                      VIN_SYS_5V0 2718mW/2718mW
+    AGX Orin:         RAM 1282/62795MB (lfb 15152x4MB) SWAP 0/31398MB (cached 0MB)
+                      CPU [0%@729,0%@729,...] EMC_FREQ 0%@2133 GR3D_FREQ 0%@0 GR3D2_FREQ 0%@0 ...
+                      CPU@42.593C ... tj@42.593C VDD_GPU_SOC 2399mW/2399mW VDD_CPU_CV 400mW/400mW
+                      VIN_SYS_5V0 4032mW/4032mW NC 0mW/0mW VDDQ_VDD2_1V8AO 301mW/301mW NC 0mW/0mW
     Orin Nano / NX:   ... VDD_IN 5251mW/8535mW VDD_CPU_GPU_CV 512mW/1944mW VDD_SOC 2720mW/3659mW
     Xavier / TX2:     ... GPU 0/0 CPU 310/310 SOC 1240/1240 ... or VDD_IN 4000/4000 (mW, no unit)
 
 Every power rail reads ``instant/average`` in mW. The board's input power is ``VDD_IN`` (or
 ``POM_5V_IN`` on older boards); where the board has no input rail (AGX Orin) the rails are summed
-and the report says so. Energy per image integrates the *instant* readings over the measured
+and the report says so. ``NC`` entries are the power monitor's not-connected channels (AGX Orin has
+two): not rails, never summed or named. Energy per image integrates the *instant* readings over the measured
 window (the average column runs over tegrastats' whole lifetime).
 """
 
@@ -35,7 +36,7 @@ _GR3D = re.compile(r"\bGR3D_FREQ (\d+)%(?:@\[?([\d,]+)\]?)?")
 _EMC = re.compile(r"\bEMC_FREQ (\d+)%(?:@(\d+))?")
 _TEMP = re.compile(r"\b([A-Za-z][A-Za-z0-9_]*)@(-?\d+(?:\.\d+)?)C\b")
 INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
-_NOT_RAILS = {"RAM", "SWAP", "IRAM"}
+_NOT_RAILS = {"RAM", "SWAP", "IRAM", "NC"}  # NC: an INA3221 channel that is not connected
 
 
 @dataclass

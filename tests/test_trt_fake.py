@@ -645,3 +645,28 @@ def test_7_a_refused_timing_cache_is_a_clear_error(bundle_copy, fakes):
     cache.write_bytes(b"FAKECACHE|Other GPU|+++")  # copied from another machine with the same board name
     with pytest.raises(BackendError, match=r"TensorRT refused the timing cache .*delete it"):
         _build(b, trt, cuda, precision="fp32")
+
+
+ORIN_AGX_JP5 = (  # an AGX Orin 64GB dev kit (github.com/catid, "sudo tegrastats")
+    "04-24-2023 00:01:24 RAM 1282/62795MB (lfb 15152x4MB) SWAP 0/31398MB (cached 0MB) CPU [0%@729,0%@729,"
+    "0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729] EMC_FREQ 0%@2133 GR3D_FREQ 0%@0 "
+    "GR3D2_FREQ 0%@0 VIC_FREQ 729 APE 174 CV0@-256C CPU@42.593C Tboard@32C SOC2@39.343C Tdiode@33.25C "
+    "SOC0@39.375C CV1@-256C GPU@-256C tj@42.593C SOC1@40.468C CV2@-256C VDD_GPU_SOC 2399mW/2399mW "
+    "VDD_CPU_CV 400mW/400mW VIN_SYS_5V0 4032mW/4032mW NC 0mW/0mW VDDQ_VDD2_1V8AO 301mW/301mW NC 0mW/0mW")
+ORIN_AGX_JP6 = (  # a later AGX Orin line (a Go tegrastats parser's test data)
+    "04-11-2025 10:36:27 RAM 4321/62801MB (lfb 1759x4MB) SWAP 19/31400MB (cached 0MB) CPU [0%@729,0%@729,"
+    "0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[0,0] "
+    "VIC_FREQ 729 APE 174 CV0@-256C CPU@44.562C Tboard@32C SOC2@40.093C Tdiode@33C SOC0@41.093C CV1@-256C "
+    "GPU@-256C tj@44.343C SOC1@41.25C CV2@-256C VDD_GPU_SOC 2340mW/2340mW VDD_CPU_CV 390mW/390mW "
+    "VIN_SYS_5V0 4025mW/4025mW NC 0mW/0mW VDDQ_VDD2_1V8AO 301mW/301mW NC 0mW/0mW")
+
+
+@pytest.mark.parametrize("line,total", [(ORIN_AGX_JP5, 2399 + 400 + 4032 + 301),
+                                        (ORIN_AGX_JP6, 2340 + 390 + 4025 + 301)])
+def test_7_tegrastats_agx_orin_no_connect_rails_are_not_power_rails(line, total):
+    from splitbits.jetson.tegrastats import parse_line
+
+    s = parse_line(line)
+    assert set(s.rails_mw) == {"VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO"}
+    assert s.power_mw() == (float(total), "sum of VDDQ_VDD2_1V8AO+VDD_CPU_CV+VDD_GPU_SOC+VIN_SYS_5V0")
+    assert len(s.cpu) == 12 and s.temps_c["tj"] > 40
