@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import threading
 import types
@@ -535,6 +536,22 @@ def test_1_tensorrt_8_6_is_refused_naming_jetpack_6_1_and_6_2(bundle_copy):
         choose_typing("8.6.2", True, "fp16", None)
 
 
+@pytest.mark.parametrize("release,ok", [
+    ("# R36 (release), REVISION: 3.0, GCID: 36106755, BOARD: generic, EABI: aarch64", False),  # JetPack 6.0
+    ("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64", True),  # 6.1
+    ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64", True),  # 6.2
+    ("# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref, EABI: aarch64", False)])  # JetPack 5
+def test_1_setup_sh_accepts_jetpack_6_1_and_6_2_only(tmp_path, release, ok):
+    setup = ROOT / "jetson" / "setup.sh"
+    assert "--check-release" in setup.read_text()  # (the old script had no check: never run it here)
+    (tmp_path / "nv_tegra_release").write_text(release + "\n")
+    res = subprocess.run(["bash", str(setup), "--check-release", str(tmp_path / "nv_tegra_release")],
+                         capture_output=True, text=True, timeout=30)
+    assert (res.returncode == 0) == ok, res.stderr
+    if not ok:
+        assert "JetPack 6.1 or 6.2" in res.stderr
+
+
 def test_2_pycuda_is_not_a_fallback(monkeypatch):
     """pycuda.autoinit's context is current on the importing thread only, and ``send`` runs the
     encoder on a worker thread: without cuda-python the backend says so instead."""
@@ -626,6 +643,14 @@ def test_6_a_driver_older_than_cuda_pythons_runtime_is_a_clear_error():
     want = r"driver supports CUDA 12\.6 .*CUDA runtime 12\.9.*cuda-python>=12\.6,<12\.7"
     with pytest.raises(BackendError, match=want):
         TrtBackend(trt=FakeTrt(cudart), cuda=CudaPython(cudart))
+
+
+def test_6_jetson_installs_pin_cuda_python_to_the_cuda_12_6_of_jetpack_6():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "cuda-python>=12.6,<12.7" in extras["jetson"]
+    setup = (ROOT / "jetson" / "setup.sh").read_text()
+    assert "cuda-python>=12.6,<12.7" in setup and "cuda-python>=12,<13" not in setup
 
 
 def test_7_a_refused_tensor_address_is_a_clear_error(bundle_copy, fakes, monkeypatch):
