@@ -92,7 +92,8 @@ _ERRORS = {
 
 _ONE_LANES = [np.full(1, k, np.int64) for k in range(MAX_LANES_LOG2 + 1)]  # read-only by the kernel
 _ONE_STREAM = np.array([0, 1], np.int64)
-_ZERO = np.zeros(1, np.int64)
+_TWO_PARTS = np.array([0, 2], np.int64)
+_EMPTY = np.zeros(0, np.int32)  # no second symbol array
 
 
 def lanes_log2_for(n: int) -> int:
@@ -231,11 +232,13 @@ def _write_blob(out, o, k, x, wbuf, p, n, ebuf, n_esc, stream):  # pragma: no co
 
 
 @njit(**_JIT)
-def _encode_kernel(sym, idx, offs, streams, tbase, tcount, lanes_log2, fs, length, offset, prec,
+def _encode_kernel(sym, idx, sym2, idx2, offs, streams, tbase, tcount, lanes_log2, fs, length, offset, prec,
                    stream):  # pragma: no cover - jitted
-    """Encode blobs: blob ``b`` holds parts ``streams[b]..streams[b+1]-1``, part ``q`` the symbols
-    ``sym[offs[q]:offs[q+1]]`` with tables ``tbase[q] + idx`` (``idx < tcount[q]``), one set of states
-    carried across its parts. Returns (bytes, blob offsets, 1 + bad blob or 0)."""
+    """Encode blobs: blob ``b`` holds parts ``streams[b]..streams[b+1]-1``, part ``q`` the symbols at
+    ``offs[q]:offs[q+1]`` of ``sym`` followed by ``sym2`` (a part lies in one of them: ``sym2`` spares
+    the caller a copy of a two-part stream) with tables ``tbase[q] + idx`` (``idx < tcount[q]``), one
+    set of states carried across its parts. Returns (bytes, blob offsets, 1 + bad blob or 0)."""
+    na = sym.size
     nb = streams.size - 1
     total = np.int64(0)
     nmax = np.int64(0)
@@ -259,8 +262,13 @@ def _encode_kernel(sym, idx, offs, streams, tbase, tcount, lanes_log2, fs, lengt
         p = n
         n_esc = np.int64(0)
         for q in range(last - 1, first - 1, -1):
-            p, n_esc, ok = _encode_part(sym, idx, offs[q], offs[q + 1] - offs[q], offs[q] - s0, tbase[q], tcount[q],
-                                        k, fs, length, offset, prec, wbuf, p, ebuf, n_esc, x)
+            start, nq = offs[q], offs[q + 1] - offs[q]
+            if start >= na and nq > 0:
+                p, n_esc, ok = _encode_part(sym2, idx2, start - na, nq, start - s0, tbase[q], tcount[q], k, fs, length,
+                                            offset, prec, wbuf, p, ebuf, n_esc, x)
+            else:
+                p, n_esc, ok = _encode_part(sym, idx, start, nq, start - s0, tbase[q], tcount[q], k, fs, length,
+                                            offset, prec, wbuf, p, ebuf, n_esc, x)
             if not ok:
                 return out, out_offs, np.int64(b + 1)
         o = _write_blob(out, o, k, x, wbuf, p, n, ebuf, n_esc, stream)
@@ -664,11 +672,12 @@ class NumbaCoder(EntropyCoder):
         return np.array([lanes_log2_for(int(n)) for n in sizes], np.int64)
 
     def _encode(self, sym: np.ndarray, idx: np.ndarray, offs: np.ndarray, streams: np.ndarray, enc: _EncoderSet,
-                tbase: np.ndarray, tcount: np.ndarray, stream: bool) -> list[bytes]:
+                tbase: np.ndarray, tcount: np.ndarray, stream: bool, sym2: np.ndarray = _EMPTY,
+                idx2: np.ndarray = _EMPTY) -> list[bytes]:
         count = streams.size - 1
         lanes = self._lanes(np.diff(offs[streams]))
-        out, out_offs, err = _encode_kernel(sym, idx, offs, streams, tbase, tcount, lanes, enc.fs, enc.length,
-                                            enc.offset, enc.prec, stream)
+        out, out_offs, err = _encode_kernel(sym, idx, sym2, idx2, offs, streams, tbase, tcount, lanes, enc.fs,
+                                            enc.length, enc.offset, enc.prec, stream)
         if err:
             raise ValueError("table index outside the tables' range")
         if count == 1:
@@ -696,11 +705,19 @@ class NumbaCoder(EntropyCoder):
     def encode_stream(self, parts: Sequence[Part]) -> bytes:
         if not parts:
             raise ValueError("a stream needs at least one part")
+        enc = prepare_set([p[2] for p in parts])
+        if len(parts) == 2:  # MSHP's z and y: passed as they are, no concatenation
+            (z, zidx, _), (y, yidx, _) = parts
+            z, zidx, y, yidx = _as_int32(z, "symbols"), _as_int32(zidx, "index"), _as_int32(y, "symbols"), \
+                _as_int32(yidx, "index")
+            if z.size != zidx.size or y.size != yidx.size:
+                raise ValueError("symbols and index differ in size")
+            offs = np.array([0, z.size, z.size + y.size], np.int64)
+            return self._encode(z, zidx, offs, _TWO_PARTS, enc, enc.tbase, enc.tcount, True, y, yidx)[0]
         sym, offs = _concat([p[0] for p in parts], "symbols")
         idx, ioffs = _concat([p[1] for p in parts], "index")
         if not np.array_equal(offs, ioffs):
             raise ValueError("symbols and index differ in size")
-        enc = prepare_set([p[2] for p in parts])
         streams = np.array([0, len(parts)], np.int64) if len(parts) > 1 else _ONE_STREAM
         return self._encode(sym, idx, offs, streams, enc, enc.tbase, enc.tcount, True)[0]
 
