@@ -63,6 +63,71 @@ def _recrc(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
+def _version1(rng: np.random.Generator, params, tables: tuple[CdfTables, ...], zidx: np.ndarray,
+              yidx_fp: np.ndarray) -> dict[str, bytes]:
+    """Version-1 packets (as before version 2: byte-identical files), valid and broken."""
+    z_tables, y_tables, fp_tables = tables
+    files: dict[str, bytes] = {}
+    for coder_name in ("numba", "constriction"):
+        coder = get_coder(coder_name)
+        for k, zsym in enumerate([rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
+                                  rng.integers(-100, 100, Z_SHAPE)]):
+            zsym = zsym.astype(np.int32)
+            idx, _ = params.index_means(zsym)
+            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
+            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
+            blobs = [coder.encode(zsym, zidx, z_tables), coder.encode(ysym, idx, y_tables)]
+            p = pkt.Packet("mshp", coder.coder_id, FP8, [Z_SHAPE, Y_SHAPE], blobs, index_checksum(idx),
+                           pkt.FLAG_INT_HYPER, version=1)
+            files[f"valid-mshp-{coder_name}-{k}"] = pkt.pack(p)
+        ysym = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
+        ysym.flat[3] = np.iinfo(np.int32).max
+        files[f"valid-fp-{coder_name}"] = pkt.pack(pkt.Packet("fp", coder.coder_id, FP8, [Y_SHAPE],
+                                                              [coder.encode(ysym, yidx_fp, fp_tables)], version=1))
+    base = files["valid-mshp-numba-0"]
+    fpbase = files["valid-fp-numba"]
+    head = pkt._HEAD.size + 2 * pkt._SECTION.size
+    bad: dict[str, bytes] = {
+        "bad-empty": b"", "bad-magic": b"XXXX" + base[4:], "bad-truncated-header": base[:10],
+        "bad-truncated-body": base[:-7], "bad-one-byte-short": base[:-1], "bad-trailing-byte": base + b"\x00",
+        "bad-crc": base[:-1] + bytes([base[-1] ^ 0x55]),
+        "bad-version": _recrc(base[:4] + bytes([2]) + base[5:-4]),
+        "bad-wrong-bundle": _recrc(base[:8] + b"\x00" * 8 + base[16:-4]),
+        "bad-family": _recrc(base[:5] + bytes([1]) + base[6:-4]),
+        "bad-coder-id": _recrc(base[:6] + bytes([9]) + base[7:-4]),
+        "bad-sections": _recrc(base[:20] + bytes([3]) + base[21:-4]),
+        "bad-shape": _recrc(base[:21] + struct.pack("<H", 5) + base[23:-4]),
+        "bad-section-length": _recrc(base[:27] + struct.pack("<I", 10**6) + base[31:-4]),
+        "bad-idx-crc": _recrc(base[:16] + b"\x01\x02\x03\x04" + base[20:-4]),
+        "bad-oversized": pkt.pack(pkt.Packet("mshp", 2, FP8, [Z_SHAPE, Y_SHAPE], [b"\x00" * 10, b"\x00" * 6000],
+                                             version=1)),
+        "bad-fp-as-mshp-flag": _recrc(fpbase[:7] + bytes([1]) + fpbase[8:-4]),
+        "bad-unknown-flag": _recrc(base[:7] + bytes([0x81]) + base[8:-4]),
+    }
+    # hostile blobs behind a valid CRC: the coders must refuse them
+    zlen = struct.unpack_from("<I", base, pkt._HEAD.size + 6)[0]
+    zblob = base[head:head + zlen]
+    hostile_z = {
+        "bad-blob-lanes": bytes([7]) + zblob[1:], "bad-blob-state-bytes": bytes([0x38]) + zblob[1:],
+        "bad-blob-high-bits": bytes([zblob[0] | 0x80]) + zblob[1:], "bad-blob-small-state": bytes([0, 1, 0, 0]),
+        "bad-blob-random": rng.integers(0, 256, zlen, dtype=np.uint8).tobytes(),
+        "bad-blob-zero": b"\x00" * zlen, "bad-blob-ff": b"\xff" * zlen, "bad-blob-truncated": zblob[:-1],
+        "bad-blob-extended": zblob + b"\x00\x00\x00\x00", "bad-blob-empty": b"",
+        "bad-blob-overlong-escape": zblob + b"\xff" * 6,
+    }
+    for name, blob in hostile_z.items():
+        rest = base[head + zlen:-4]
+        sec = struct.pack("<HHHI", *Z_SHAPE, len(blob))
+        body = base[:pkt._HEAD.size] + sec + base[pkt._HEAD.size + 10:head] + blob + rest
+        bad[name] = _recrc(body)
+    for i in range(40):  # random single-bit flips with the CRC fixed up
+        b = bytearray(base[:-4])
+        pos = int(rng.integers(head, len(b)))
+        b[pos] ^= 1 << int(rng.integers(0, 8))
+        bad[f"flip-{i:02d}-at-{pos}"] = _recrc(bytes(b))
+    files.update(bad)
+    return files
+
 def _recrc2(body: bytes, fingerprint: bytes = FP32) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body, zlib.crc32(fingerprint)))
 
@@ -153,68 +218,11 @@ def main() -> None:
 
     for old in HERE.glob("*.bin"):
         old.unlink()
-    files: dict[str, bytes] = {}
     zidx = np.broadcast_to(np.arange(4, dtype=np.int32)[:, None, None], Z_SHAPE)
     yidx_fp = np.broadcast_to(np.arange(6, dtype=np.int32)[:, None, None], Y_SHAPE)
-    for coder_name in ("numba", "constriction"):
-        coder = get_coder(coder_name)
-        for k, zsym in enumerate([rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
-                                  rng.integers(-100, 100, Z_SHAPE)]):
-            zsym = zsym.astype(np.int32)
-            idx, _ = params.index_means(zsym)
-            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
-            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
-            blobs = [coder.encode(zsym, zidx, z_tables), coder.encode(ysym, idx, y_tables)]
-            p = pkt.Packet("mshp", coder.coder_id, FP8, [Z_SHAPE, Y_SHAPE], blobs, index_checksum(idx),
-                           pkt.FLAG_INT_HYPER, version=1)
-            files[f"valid-mshp-{coder_name}-{k}"] = pkt.pack(p)
-        ysym = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
-        ysym.flat[3] = np.iinfo(np.int32).max
-        files[f"valid-fp-{coder_name}"] = pkt.pack(pkt.Packet("fp", coder.coder_id, FP8, [Y_SHAPE],
-                                                              [coder.encode(ysym, yidx_fp, fp_tables)], version=1))
-    base = files["valid-mshp-numba-0"]
-    fpbase = files["valid-fp-numba"]
-    head = pkt._HEAD.size + 2 * pkt._SECTION.size
-    bad: dict[str, bytes] = {
-        "bad-empty": b"", "bad-magic": b"XXXX" + base[4:], "bad-truncated-header": base[:10],
-        "bad-truncated-body": base[:-7], "bad-one-byte-short": base[:-1], "bad-trailing-byte": base + b"\x00",
-        "bad-crc": base[:-1] + bytes([base[-1] ^ 0x55]),
-        "bad-version": _recrc(base[:4] + bytes([2]) + base[5:-4]),
-        "bad-wrong-bundle": _recrc(base[:8] + b"\x00" * 8 + base[16:-4]),
-        "bad-family": _recrc(base[:5] + bytes([1]) + base[6:-4]),
-        "bad-coder-id": _recrc(base[:6] + bytes([9]) + base[7:-4]),
-        "bad-sections": _recrc(base[:20] + bytes([3]) + base[21:-4]),
-        "bad-shape": _recrc(base[:21] + struct.pack("<H", 5) + base[23:-4]),
-        "bad-section-length": _recrc(base[:27] + struct.pack("<I", 10**6) + base[31:-4]),
-        "bad-idx-crc": _recrc(base[:16] + b"\x01\x02\x03\x04" + base[20:-4]),
-        "bad-oversized": pkt.pack(pkt.Packet("mshp", 2, FP8, [Z_SHAPE, Y_SHAPE], [b"\x00" * 10, b"\x00" * 6000],
-                                             version=1)),
-        "bad-fp-as-mshp-flag": _recrc(fpbase[:7] + bytes([1]) + fpbase[8:-4]),
-        "bad-unknown-flag": _recrc(base[:7] + bytes([0x81]) + base[8:-4]),
-    }
-    # hostile blobs behind a valid CRC: the coders must refuse them
-    zlen = struct.unpack_from("<I", base, pkt._HEAD.size + 6)[0]
-    zblob = base[head:head + zlen]
-    hostile_z = {
-        "bad-blob-lanes": bytes([7]) + zblob[1:], "bad-blob-state-bytes": bytes([0x38]) + zblob[1:],
-        "bad-blob-high-bits": bytes([zblob[0] | 0x80]) + zblob[1:], "bad-blob-small-state": bytes([0, 1, 0, 0]),
-        "bad-blob-random": rng.integers(0, 256, zlen, dtype=np.uint8).tobytes(),
-        "bad-blob-zero": b"\x00" * zlen, "bad-blob-ff": b"\xff" * zlen, "bad-blob-truncated": zblob[:-1],
-        "bad-blob-extended": zblob + b"\x00\x00\x00\x00", "bad-blob-empty": b"",
-        "bad-blob-overlong-escape": zblob + b"\xff" * 6,
-    }
-    for name, blob in hostile_z.items():
-        rest = base[head + zlen:-4]
-        sec = struct.pack("<HHHI", *Z_SHAPE, len(blob))
-        body = base[:pkt._HEAD.size] + sec + base[pkt._HEAD.size + 10:head] + blob + rest
-        bad[name] = _recrc(body)
-    for i in range(40):  # random single-bit flips with the CRC fixed up
-        b = bytearray(base[:-4])
-        pos = int(rng.integers(head, len(b)))
-        b[pos] ^= 1 << int(rng.integers(0, 8))
-        bad[f"flip-{i:02d}-at-{pos}"] = _recrc(bytes(b))
-    files.update(bad)
-    files.update(_version2(rng, params, (z_tables, y_tables, fp_tables), zidx, yidx_fp))
+    tables = (z_tables, y_tables, fp_tables)
+    files = _version1(rng, params, tables, zidx, yidx_fp)
+    files.update(_version2(rng, params, tables, zidx, yidx_fp))
     for name, data in files.items():
         (HERE / f"{name}.bin").write_bytes(data)
     print(f"wrote {len(files)} packets to {HERE}")
