@@ -161,6 +161,9 @@ def test_bench_desktop_emulation_json_schema(tiny_bundles, inputs_npz, tmp_path)
                                                                     rel=1e-6)
     assert r["bytes"]["packet"]["n"] == 10 and r["bytes"]["packet"]["mean"] > 20
     assert r["bytes"]["ideal"]["mean"] > 0
+    assert r["bytes"]["header"]["mean"] == 9  # version 2's MSHP frame, from the parser
+    assert r["bytes"]["overhead_vs_ideal"]["mean"] == pytest.approx(r["bytes"]["packet"]["mean"]
+                                                                    - r["bytes"]["ideal"]["mean"])
     assert set(r["link"]["model_ms"]) == {"1", "10", "100"}
     assert 0.0 <= r["accuracy"]["top1"] <= 1.0 and r["accuracy"]["labelled"] == 10
     assert r["throughput"]["end_to_end_images_per_s"] > 0
@@ -333,6 +336,8 @@ def test_bench_codec_figures_targets_and_markdown(tiny_bundles, tmp_path, capsys
     h = s["int_hyper"]
     assert h["idx_agreement"] > 0.99 and "bytes_int_vs_float_pct" in h and "top1_int_minus_float_points" in h
     assert r["all_targets_met"] == all(s["targets"].values())
+    assert set(s["stream_bytes"]) == {"numba", "constriction", "note"}  # the runtime coders' one stream per image
+    assert all(s["stream_bytes"][c]["excess_bytes_max"] <= 16 for c in ("numba", "constriction"))
     assert md.read_text().strip() == r["markdown"]
     assert "| tiny_mshp_64:mshp | 2828 |" in r["markdown"] and "| MSHP set |" in r["markdown"]
     assert "targets not met" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from splitbits.runtime.codec.base import EntropyCoder
+from splitbits.runtime.codec.base import EntropyCoder, Part, StreamDecoder
 from splitbits.runtime.codec.tables import CdfTables
 
 # name -> (wire id, "module:Class")
@@ -38,4 +38,4 @@ def get_coder(name: str | int | None = None) -> EntropyCoder:
     return _instances[name]
 
 
-__all__ = ["CODERS", "DEFAULT_CODER", "CdfTables", "EntropyCoder", "coder_name", "get_coder"]
+__all__ = ["CODERS", "DEFAULT_CODER", "CdfTables", "EntropyCoder", "Part", "StreamDecoder", "coder_name", "get_coder"]
