@@ -525,7 +525,7 @@ def _header(options: CheckOptions, dev: torch.device, sizes: Sizes, created: dt.
     if dev.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(dev)
     return {"schema": SCHEMA, "created": created.isoformat(timespec="seconds"), "dry_run": options.dry_run,
-            "device": str(dev), "budget_s": options.budget_s, "machine": machine,
+            "device": str(dev), "budget_s": options.budget_s, "skip": list(options.skip), "machine": machine,
             "sizes": asdict(sizes), "steps": {}, "complete": False}
 
 
@@ -540,6 +540,7 @@ def run_check(options: CheckOptions, json_path: str | Path | None = None,
     in_repo = default_json_path(result["machine"], options.dry_run, created)
     result["path_in_repo"] = str(in_repo)
     path = Path(json_path) if json_path else in_repo
+    say(f"device check on {dev}, budget {options.budget_s:.0f} s{' (dry run)' if options.dry_run else ''} -> {path}")
     with tempfile.TemporaryDirectory(prefix="splitbits-device-check-") as tmp:
         for name in STEPS:
             left = options.budget_s - (time.perf_counter() - t0)

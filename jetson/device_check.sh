@@ -30,7 +30,7 @@ mkdir -p "$OUT" || fail 2 "cannot create $OUT"
 compgen -G "$WHEELS/*.whl" >/dev/null \
     || fail 2 "no wheels in $WHEELS: run jetson/device_wheels.sh $WHEELS here first, and carry it"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
-    || fail 2 "pip could not install the wheels in $WHEELS into $SITE"
+    || fail 2 "pip could not install the wheels in $WHEELS into $SITE (made for CPython 3.12, manylinux x86_64: pip says above which one does not fit)"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PY" - "$OUT/probe.json" <<'EOF'
