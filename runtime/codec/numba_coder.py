@@ -19,7 +19,8 @@ slot, uint16, 8 KiB per table so that the tables of a trained model's many scale
 a full ``2**precision`` slot table is 16× larger and made decoding cache-miss bound), then steps
 over the few CDF boundaries inside the bucket; never a scan of the CDF.
 
-Two blob layouts, one kernel each way (all little-endian)::
+Two blob layouts (all little-endian), written by one encoding kernel and read by one decoding loop
+(``_decode_part``, under the section-batch and the stream entry points)::
 
     u8      bits 0-2: lanes_log2 (0..5); bits 3-5: nb − 3; bits 6-7: 0
     nb B    final state of lane 0 (nb = 3..7 bytes, as few as it needs), then 7 bytes for each
