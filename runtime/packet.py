@@ -116,8 +116,9 @@ def _pack_v2(p: Packet) -> bytes:
     head = bytes((_tag(p.family, p.coder_id, p.flags), p.fingerprint[0]))
     if p.family == "mshp":
         head += (p.idx_crc & IDX_CHECK_MASK[2]).to_bytes(3, "little")
-    body = head + bytes(p.blobs[0])
-    return body + _CRC.pack(zlib.crc32(body, zlib.crc32(p.fingerprint)))
+    blob = p.blobs[0]
+    crc = zlib.crc32(blob, zlib.crc32(head, zlib.crc32(p.fingerprint)))
+    return b"".join((head, blob, _CRC.pack(crc)))  # one copy of the stream
 
 
 def parse(data: bytes | bytearray | memoryview, expect: Expect) -> Packet:
