@@ -267,10 +267,10 @@ def _assemble(model: SplitClassifier, x: np.ndarray, labels: np.ndarray | None, 
     graphs, latents = _export_graphs(model, x, root, opset)
     codec = codec_arrays(model)
     np.savez_compressed(root / CODEC, **codec)
-    if model.spec.family == "mshp":  # the deterministic integer hyper path (splitbits.runtime.hyper_int)
+    if model.spec.family == "mshp":  # the deterministic integer hyper path, calibrated and checked on x
         from splitbits.export.hyper_int import write_hyper_int
 
-        write_hyper_int(model, root, codec, tuple(latents["z"]))
+        write_hyper_int(model, root, codec, x)
     manifest = _manifest(model.spec, graphs, latents, opset, source)
     _write_manifest(root, manifest)
     manifest["golden"] = _write_golden(model, x, labels, root)

@@ -24,11 +24,11 @@ from compressai.entropy_models import GaussianConditional
 from compressai.models.utils import update_registered_buffers
 
 from splitbits.export.bundle import DEFAULT_OPSET, GraphModule, codec_arrays, export_onnx
-from splitbits.export.hyper_int import compare_with_float, hyper_int_arrays
+from splitbits.export.hyper_int import compare_with_float, hyper_int_params, summary
 from splitbits.runtime.bundle import CodecParams
 from splitbits.runtime.codec import CdfTables, get_coder
 from splitbits.runtime.codec.bench import LatentSet, Section, channel_section, flat, hyper_times
-from splitbits.runtime.hyper_int import IntHyperParams
+from splitbits.runtime.hyper_int import IntHyperSession
 from splitbits.runtime.quant import channel_means, dequantize, quantize
 from splitbits.trainer.models import ModelSpec, SplitClassifier, build_model
 
@@ -150,9 +150,8 @@ def _mshp_set(x: torch.Tensor, source: str, hyper_repeats: int) -> LatentSet:
     sz = quantize(z, zmeans)
     bl = model.bottleneck_layer
     z_shape = tuple(z.shape[1:])
-    hyper_arrays, meta = hyper_int_arrays(bl, z_shape, arrays["z_medians"], arrays["z_offset"],
-                                          arrays["z_cdf_length"], arrays["scale_table"], float(arrays["scale_bound"]))
-    params = IntHyperParams.from_arrays(hyper_arrays, meta)
+    # calibrated on the first 4 images, as an export calibrates on its golden ones
+    params = hyper_int_params(bl, arrays["z_medians"], arrays["z_offset"], arrays["z_cdf_length"], sz[:4])
     paths = compare_with_float(params, bl, sz, codec.z_medians, codec.scale_table, codec.scale_bound)
     sy_i, sy_f = quantize(y, paths.means_int), quantize(y, paths.means_float)
     secs = [channel_section("z", codec.z_tables, sz),
@@ -176,10 +175,10 @@ def _mshp_set(x: torch.Tensor, source: str, hyper_repeats: int) -> LatentSet:
         "max_abs_mean_difference": paths.max_abs_mean_error,
         "top1_agreement_int_vs_float": float((tail_i == tail_f).mean()),
         "top1_note": "untrained backbone: argmax agreement of the tail between the two paths, not accuracy",
-        "int_params": {"activation_bits": meta.get("activation_bits"),
-                       "weight_bits_min": min(min(b) for b in meta["weight_bits"])},
+        "int_params": summary(params),
     }
-    ls.hyper.update(hyper_times(params, sz[0], lambda d: _onnx_hyper(model, z_shape, d),
+    session = IntHyperSession(params, params.graph(), codec.scale_table, codec.scale_bound, threads=1)
+    ls.hyper.update(hyper_times(session, sz[0], lambda d: _onnx_hyper(model, z_shape, d),
                                 dequantize(sz[:1], zmeans), hyper_repeats))
     return ls
 

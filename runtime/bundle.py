@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CODEC = "codec.npz"
 # Files whose bytes define the model's behaviour; the fingerprint covers exactly these.
-MODEL_FILES = ("head.onnx", "hyper.onnx", "tail.onnx", "codec.npz", "hyper_int.npz")
+MODEL_FILES = ("head.onnx", "hyper.onnx", "tail.onnx", "codec.npz", "hyper_int.npz", "hyper_int.onnx")
 FAMILY_LATENTS = {"fp": ("y",), "mshp": ("y", "z")}
 # Bounds of a manifest's numbers: packets store latent C, H, W as u16; inputs are images.
 MAX_MANIFEST_BYTES = 16 << 20

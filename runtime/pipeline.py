@@ -10,10 +10,10 @@ Edge (DESIGN.md data flow)::
 
 Server: parse ─► decode (MSHP: z, hyper(ẑ) again, idx checked against the packet's CRC) ─► ŷ ─► tail.
 
-MSHP hyper paths: ``int`` (``splitbits.runtime.hyper_int``: integer arithmetic from the ẑ symbols,
-bit-exact on every platform; the default where the bundle has ``hyper_int.npz``, flagged in the
-packet) or ``float`` (the backend's ``hyper.onnx``; may differ by an ulp across devices, which the
-idx checksum turns into an ``IndexMismatchError``).
+MSHP hyper paths: ``int`` (``splitbits.runtime.hyper_int``: an exact integer graph from the ẑ
+symbols on ONNX Runtime's CPU provider, bit-identical on every platform; the default where the bundle
+has ``hyper_int.npz``, flagged in the packet) or ``float`` (the backend's ``hyper.onnx``; may differ
+by an ulp across devices, which the idx checksum turns into an ``IndexMismatchError``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from splitbits.runtime.backends import Backend, Session, get_backend
 from splitbits.runtime.bundle import Bundle, load_bundle
 from splitbits.runtime.codec import CODERS, CdfTables, EntropyCoder, get_coder
 from splitbits.runtime.errors import BundleError, IndexMismatchError, InputError
-from splitbits.runtime.hyper_int import IntHyperParams
+from splitbits.runtime.hyper_int import IntHyperParams, IntHyperSession
 from splitbits.runtime.quant import (
     channel_index,
     channel_means,
@@ -79,30 +79,40 @@ class FloatHyper:
 
 
 class IntHyper:
-    """Integer hyper-synthesis from the ẑ symbols (``hyper_int.npz``): identical on every device."""
+    """The deterministic hyper path (``hyper_int.npz`` / ``hyper_int.onnx`` on ONNX Runtime's CPU
+    provider, whatever the backend): identical integer results on every device."""
 
     flag = pkt.FLAG_INT_HYPER
     name = "int"
 
-    def __init__(self, params: IntHyperParams) -> None:
-        self.params = params
+    def __init__(self, session: IntHyperSession) -> None:
+        self.session = session
+
+    @property
+    def params(self) -> IntHyperParams:
+        return self.session.params
 
     def index_means(self, z_symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.params.index_means(z_symbols)
+        return self.session.index_means(z_symbols)
 
 
 HYPER_INT_FILE = "hyper_int.npz"
+HYPER_INT_GRAPH = "hyper_int.onnx"
 
 
 def has_int_hyper(bundle: Bundle) -> bool:
     return HYPER_INT_FILE in bundle.manifest.get("files", {})
 
 
-def make_hyper(bundle: Bundle, backend: Backend, mode: str = "auto") -> FloatHyper | IntHyper:
-    """The hyper path by name: ``int``, ``float`` or ``auto`` (``int`` where the bundle has it)."""
+def make_hyper(bundle: Bundle, backend: Backend | None, mode: str = "auto") -> FloatHyper | IntHyper:
+    """The hyper path by name: ``int``, ``float`` or ``auto`` (``int`` where the bundle has it). The
+    int path needs no backend; it runs on ONNX Runtime's CPU provider with the backend's thread count
+    where it has one (``threads``), else ONNX Runtime's default."""
     if mode == "auto":
         mode = "int" if has_int_hyper(bundle) else "float"
     if mode == "float":
+        if backend is None:
+            raise ValueError("the float hyper path needs a backend")
         return FloatHyper(backend.load(bundle, "hyper"))
     if mode == "int":
         if not has_int_hyper(bundle):
@@ -110,9 +120,11 @@ def make_hyper(bundle: Bundle, backend: Backend, mode: str = "auto") -> FloatHyp
         params = IntHyperParams.load(bundle.file(HYPER_INT_FILE))
         if params.in_shape != bundle.latent_shape("z") or params.out_shape != bundle.latent_shape("y"):
             raise BundleError(f"{bundle.path}: {HYPER_INT_FILE} does not match the latent shapes")
-        if params.num_tables != bundle.codec.y_tables.num_tables:
-            raise BundleError(f"{bundle.path}: {HYPER_INT_FILE} thresholds do not match the scale table")
-        return IntHyper(params)
+        if HYPER_INT_GRAPH not in bundle.manifest["files"]:
+            raise BundleError(f"{bundle.path}: {HYPER_INT_GRAPH} is not listed in the manifest (re-export the bundle)")
+        graph = bundle.file(HYPER_INT_GRAPH).read_bytes()
+        c = bundle.codec
+        return IntHyper(IntHyperSession(params, graph, c.scale_table, c.scale_bound, getattr(backend, "threads", 0)))
     raise ValueError(f"unknown hyper path {mode!r}; available: auto, int, float")
 
 

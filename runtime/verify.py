@@ -9,8 +9,9 @@ Checks, stage by stage so one error does not hide behind another:
   reported, never hidden;
 * golden packets decode to exactly the golden symbols, and the end-to-end pipeline on this backend
   gives the golden top-1;
-* MSHP with the integer hyper path: the scale indexes and means it computes here from the golden ẑ
-  symbols are bit-identical to the ones computed at export (the cross-device guarantee, checked).
+* MSHP with the integer hyper path: its graph on this device's ONNX Runtime equals the numpy integer
+  reference, and the scale indexes and means it computes here from the golden ẑ symbols are
+  bit-identical to the ones computed at export (the cross-device guarantee, checked).
 
 With ``exact_symbols=False`` (INT8 engines: quantised activations move symbols by design) symbol
 and index differences are counted in ``symbol_mismatches`` instead of failing, and the end-to-end
@@ -115,17 +116,22 @@ class _Checker:
 
 
 def _check_int_hyper(bundle: Bundle, g: dict[str, np.ndarray], report: VerifyReport) -> None:
-    """The integer hyper path must reproduce the export's idx and means bit for bit."""
+    """The integer hyper path must reproduce the export's idx and means bit for bit, and its graph on
+    this device's ONNX Runtime must equal the numpy integer reference (exactness, checked here)."""
     from splitbits.runtime.pipeline import make_hyper
 
-    hyper = make_hyper(bundle, None, "int")  # type: ignore[arg-type]  # the int path needs no backend
-    bad = 0
-    for i in range(g["packet_z_symbols"].shape[0]):
-        idx, means = hyper.index_means(g["packet_z_symbols"][i])
-        ref_means = g["packet_means"][i]
+    hyper = make_hyper(bundle, None, "int")
+    bad = inexact = 0
+    for i, z in enumerate(g["packet_z_symbols"]):
+        want = np.concatenate(hyper.params.reference(z))
+        inexact += int(not np.array_equal(hyper.session.outputs(z).view(np.uint32), want.view(np.uint32)))
+        idx, means = hyper.index_means(z)
         bad += int(not (np.array_equal(idx, g["packet_idx"][i])
-                        and np.array_equal(means.view(np.uint32), ref_means.view(np.uint32))))
+                        and np.array_equal(means.view(np.uint32), g["packet_means"][i].view(np.uint32))))
     report.symbol_ties["idx_int"] = 0
+    if inexact:
+        report.problems.append(f"integer hyper graph: ONNX Runtime here differs from the integer reference on "
+                               f"{inexact} images")
     if bad:
         report.problems.append(f"integer hyper path: idx/means differ bit-wise from the export on {bad} images")
 

@@ -65,7 +65,7 @@ def _server(family: str) -> ServerDecoder:
         codec = CodecParams("mshp", tables("y"), z_tables=tables("z"), z_medians=a["z_medians"],
                             scale_table=a["scale_table"], scale_bound=0.11)
         latents = {"z": list(Z_SHAPE), "y": list(Y_SHAPE)}
-        files = {"hyper_int.npz": {}}
+        files = {"hyper_int.npz": {}, "hyper_int.onnx": {}}
     else:
         codec = CodecParams("fp", tables("fp"), y_medians=a["fp_medians"])
         latents, files = {"y": list(Y_SHAPE)}, {}

@@ -1,14 +1,15 @@
 """Regenerate the fuzz corpus: ``python tests/fuzz_corpus/make_corpus.py`` (the files are committed).
 
 A small synthetic "bundle" (tables, an integer hyper path, fixed fingerprint and shapes, in
-``fuzz_bundle.npz`` / ``hyper_int.npz``) and packets for it, in both format versions (the version-1
-files come out byte-identical to those made before version 2 existed: the same random draws, then
-version 2's): valid ones of both families and both coders (``valid-*``, ``-v2`` for version 2), and
-malformed ones (``bad-*``) that must be refused with a PacketError at a known stage (``bad-blob-*``
-by a coder, ``bad-idx-*`` by the scale-index check, every other one by the parser): truncated,
-bit-flipped, oversized, wrong version, wrong bundle, wrong family/shape/section count/tag, unknown
-coder, and hostile blobs behind a *valid* CRC (so the decoders, not the CRC, must cope). ``flip-*``
-and ``hostile-*`` (bit flips and random streams behind valid CRCs) may stop at any stage but the parser.
+``fuzz_bundle.npz`` / ``hyper_int.npz`` and its graph ``hyper_int.onnx``) and packets for it, in both
+format versions (the same random draws as before version 2 existed, then version 2's; MSHP packets
+follow the integer hyper path's scale indexes, so they change with its format): valid ones of both
+families and both coders (``valid-*``, ``-v2`` for version 2), and malformed ones (``bad-*``) that
+must be refused with a PacketError at a known stage (``bad-blob-*`` by a coder, ``bad-idx-*`` by the
+scale-index check, every other one by the parser): truncated, bit-flipped, oversized, wrong version,
+wrong bundle, wrong family/shape/section count/tag, unknown coder, and hostile blobs behind a *valid*
+CRC (so the decoders, not the CRC, must cope). ``flip-*`` and ``hostile-*`` (bit flips and random
+streams behind valid CRCs) may stop at any stage but the parser.
 """
 
 from __future__ import annotations
@@ -45,18 +46,17 @@ def _tables(rng: np.random.Generator, num: int, spread: float) -> CdfTables:
 
 
 def _hyper_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    meta = {"format_version": 1, "in_shape": list(Z_SHAPE), "out_shape": list(Y_SHAPE), "min_index": 0,
+    """An integer hyper path (``hyper_int.npz`` format 2) within its exactness bounds (the same random
+    draws as format 1's, so every other draw of the corpus is unchanged)."""
+    meta = {"format_version": 2, "in_shape": list(Z_SHAPE), "out_shape": list(Y_SHAPE), "z_clip": [-12, 12],
             "layers": [{"transposed": True, "stride": 2, "padding": 1, "slope": round(0.01 * (1 << SLOPE_BITS))},
                        {"transposed": False, "stride": 1, "padding": 1}]}
-    return {
-        "w0": rng.integers(-3000, 3000, (4, 4, 3, 3)).astype(np.int32),
-        "shift0": np.full(4, 10, np.int64),
-        "bias0": rng.integers(-5000, 5000, (4, 5, 5)).astype(np.int64),
-        "w1": rng.integers(-3000, 3000, (12, 4, 3, 3)).astype(np.int32),
-        "out_shift": np.full(12, 14, np.int64),
-        "thresholds": np.floor(SCALES[None, :-1].astype(np.float64) * 2.0**14).astype(np.int64).repeat(6, 0),
-        "meta": np.array(json.dumps(meta)),
-    }
+    w0 = rng.integers(-3000, 3000, (4, 4, 3, 3)).astype(np.int32)
+    b0 = rng.integers(-5000, 5000, (4, 5, 5)).astype(np.int64)
+    w1 = (rng.integers(-3000, 3000, (12, 4, 3, 3)) // 16).astype(np.int32)
+    return {"w0": w0, "b0": b0, "shift0": np.full(4, 10, np.int64), "clip0": np.full(4, 1000, np.int64),
+            "w1": w1, "b1": np.zeros(12, np.int64), "shift1": np.full(12, 14, np.int64),
+            "meta": np.array(json.dumps(meta))}
 
 
 def _recrc(body: bytes) -> bytes:
@@ -201,7 +201,7 @@ def _version2(rng: np.random.Generator, params, tables: tuple[CdfTables, ...], z
 
 
 def main() -> None:
-    from splitbits.runtime.hyper_int import IntHyperParams
+    from splitbits.runtime.hyper_int import IntHyperParams, IntHyperSession
 
     rng = np.random.default_rng(20240601)
     z_tables, y_tables, fp_tables = _tables(rng, 4, 1.5), _tables(rng, len(SCALES), 0.8), _tables(rng, 6, 2.0)
@@ -214,7 +214,9 @@ def main() -> None:
     np.savez(HERE / "fuzz_bundle.npz", **arrays)
     hyper = _hyper_arrays(rng)
     np.savez(HERE / "hyper_int.npz", **hyper)
-    params = IntHyperParams.load(HERE / "hyper_int.npz")
+    graph = IntHyperParams.load(HERE / "hyper_int.npz").graph()
+    (HERE / "hyper_int.onnx").write_bytes(graph)
+    params = IntHyperSession(IntHyperParams.load(HERE / "hyper_int.npz"), graph, SCALES, 0.11)  # as the server runs it
 
     for old in HERE.glob("*.bin"):
         old.unlink()
