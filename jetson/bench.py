@@ -134,6 +134,7 @@ def _figures(bundle: Bundle, loop: _Loop, opts: BenchOptions, n: int) -> dict[st
     wall = loop.t_end - loop.t_start
     _, h, w = bundle.input_shape
     mean_bytes = float(np.mean(loop.sizes))
+    head = np.maximum(np.asarray(loop.stages["edge.head"]), 1e-9)
     return {
         "latency_ms": {k: summary(v) for k, v in (loop.stages | loop.totals).items()},
         "throughput": {
@@ -146,6 +147,8 @@ def _figures(bundle: Bundle, loop: _Loop, opts: BenchOptions, n: int) -> dict[st
                   "header": summary(loop.headers),
                   "overhead_vs_ideal": summary(np.asarray(loop.sizes) - np.asarray(loop.ideal)),
                   "bits_per_pixel": mean_bytes * 8 / (h * w)},
+        # the edge's work beyond the head network, per image: (edge total − head) / head
+        "edge_overhead_vs_head": summary((np.asarray(loop.totals["edge_total"]) - head) / head) if len(head) else None,
         "link": {"mbps": opts.link_mbps,
                  "model_ms": transmit_model_ms(mean_bytes)},
         "accuracy": {"top1": loop.correct / loop.labelled if loop.labelled else None, "labelled": loop.labelled},

@@ -165,6 +165,8 @@ def test_bench_desktop_emulation_json_schema(tiny_bundles, inputs_npz, tmp_path)
     assert r["bytes"]["overhead_vs_ideal"]["mean"] == pytest.approx(r["bytes"]["packet"]["mean"]
                                                                     - r["bytes"]["ideal"]["mean"])
     assert set(r["link"]["model_ms"]) == {"1", "10", "100"}
+    ov = r["edge_overhead_vs_head"]  # per image (edge total − head) / head: the edge's work beyond the head
+    assert ov["n"] == 20 and 0 < ov["p50"] <= ov["p90"]  # quantise, hyper and encode are never free
     assert 0.0 <= r["accuracy"]["top1"] <= 1.0 and r["accuracy"]["labelled"] == 10
     assert r["throughput"]["end_to_end_images_per_s"] > 0
     assert r["memory"]["peak_rss_mb"] > 0
