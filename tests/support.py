@@ -37,3 +37,35 @@ def make_student(root: Path, family: str = "mshp", seed: int = 0) -> tuple[Path,
     bundle = export_bundle(model, root / f"bundle_{family}", images=textured_images(4), overwrite=True,
                            source=str(ckpt)).path
     return ckpt, bundle
+
+
+# What a device install lacks (`pip install 'splitbits[runtime]'`): importing any of these fails.
+TRAIN_ONLY_MODULES = ("skimage", "torch", "torchvision", "compressai", "timm")
+
+_BLOCKER = '''"""Test harness: make this interpreter look like a runtime-only install (see tests/support.py)."""
+import importlib.abc
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: runtime-only test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Block())
+'''
+
+
+def runtime_only_env(root: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a subprocess in which :data:`TRAIN_ONLY_MODULES` cannot be imported (nor found by
+    ``importlib.util.find_spec``): a ``sitecustomize`` on ``PYTHONPATH`` puts a blocking finder first
+    on ``sys.meta_path`` before any other code runs."""
+    d = Path(root) / "runtime_only_site"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=TRAIN_ONLY_MODULES))
+    pp = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": str(d) + (":" + pp if pp else ""), "PYTHONUNBUFFERED": "1"}

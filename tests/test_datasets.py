@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +105,94 @@ def test_builtin_full_split_is_cached_and_reloaded(tmp_path: Path, monkeypatch: 
 def test_builtin_other_image_size() -> None:
     img, _ = open_dataset("builtin", "val", image_size=32, limit=2)[1]
     assert img.shape == (32, 32, 3)
+
+
+# sha256 of the first 48 images of builtin val/train at 64×64 (seed 0), as every release so far drew
+# them (the demo's published figures rest on these bytes); with the 16 background photographs.
+_BUILTIN_64_SHA256 = {
+    "val": "594d58113dfb609351fef244f180621bd1289b17bd7e19be10d9b2c72c6884a1",
+    "train": "1ac1d08f5eb554941402f770b532584d6ba0ce8b78580ac9865eb737e62adfd2",
+}
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_builtin_64_is_byte_identical_to_earlier_releases(split: str) -> None:
+    from splitbits.runtime.datasets import _PHOTOS, _load_photos
+
+    if len(_load_photos()[0]) != len(_PHOTOS):
+        pytest.skip("scikit-image is not installed: the two unshipped photographs are missing")
+    ds = BuiltinDataset(split=split, image_size=64, cache=False)
+    assert hashlib.sha256(b"".join(ds[i][0].tobytes() for i in range(48))).hexdigest() == _BUILTIN_64_SHA256[split]
+    assert ds.fingerprint == {"val": "ae8121d3ef0864ed", "train": "bca618907644b42d"}[split]  # cache key too
+
+
+def test_builtin_shipped_photographs_are_read_first_and_match_scikit_image() -> None:
+    from splitbits.runtime.datasets import _SHIPPED_PHOTOS, _photo_paths, _skimage_data_dir
+
+    paths = _photo_paths()
+    shipped = sorted(p.name for p in _SHIPPED_PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(shipped) == 14 and {p.name for p in paths} >= set(shipped)
+    assert all(p.parent == _SHIPPED_PHOTOS for p in paths if p.name in shipped)
+    assert {p.name for p in paths} - set(shipped) <= {"moon.png", "motorcycle_left.png"}
+    sk = _skimage_data_dir()
+    for name in shipped:  # byte-identical copies, so the bytes do not depend on where they are read
+        if sk is not None and (sk / name).is_file():
+            assert (sk / name).read_bytes() == (_SHIPPED_PHOTOS / name).read_bytes(), name
+    readme = (_SHIPPED_PHOTOS / "README.md").read_text()
+    assert all(f"| {name} |" in readme for name in shipped)
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_builtin_at_224_is_textured_and_identical_in_a_fresh_process(split: str) -> None:
+    ds = BuiltinDataset(split=split, image_size=224, limit=6, cache=False)
+    imgs = np.stack([ds[i][0] for i in range(6)])
+    assert imgs.shape == (6, 224, 224, 3) and imgs.dtype == np.uint8
+    assert np.abs(np.diff(imgs.astype(np.float64), axis=2)).mean() > 2.0  # photo detail, not flat fields
+    code = (
+        "import hashlib;from splitbits.runtime.datasets import BuiltinDataset;"
+        f"ds=BuiltinDataset(split={split!r},image_size=224,limit=6,cache=False);"
+        "print(hashlib.sha256(b''.join(ds[i][0].tobytes() for i in range(6))).hexdigest())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == hashlib.sha256(imgs.tobytes()).hexdigest()
+
+
+def test_builtin_upsampling_is_exact_bilinear() -> None:
+    from splitbits.runtime.datasets import _upsample
+
+    ramp = np.arange(4, dtype=np.float64)[None, :, None].repeat(4, 0)  # x = 0..3 along columns
+    up = _upsample(ramp, 8)
+    # pixel centres aligned: output x_i samples source (i + 0.5)/2 - 0.5, edges replicated
+    assert up[0, :, 0].tolist() == [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]
+    assert (up == up[:1]).all()
+    img = np.random.default_rng(0).integers(0, 256, (37, 37, 3)).astype(np.float64)
+    out = _upsample(img, 224)
+    assert out.shape == (224, 224, 3) and out.min() >= img.min() and out.max() <= img.max()
+
+
+def test_builtin_without_scikit_image_uses_the_shipped_photographs(tmp_path: Path) -> None:
+    """A device install has no scikit-image: the builtin still opens (14 shipped photographs, its own
+    fingerprint), at 64 and 224, and never imports scikit-image."""
+    from support import runtime_only_env
+
+    from splitbits.runtime.datasets import _load_photos
+
+    env = runtime_only_env(tmp_path, dict(os.environ))
+    blocked = subprocess.run([sys.executable, "-c", "import skimage"], capture_output=True, text=True, env=env)
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the harness does block it
+    code = (
+        "import json,sys;from splitbits.runtime import datasets as d;"
+        "a=d.BuiltinDataset(split='val',image_size=64,limit=3,cache=False);"
+        "b=d.BuiltinDataset(split='val',image_size=224,limit=3,cache=False);"
+        "print(json.dumps([sorted(p.name for p in d._photo_paths()),a.fingerprint,b[2][0].shape,"
+        "[m for m in ('skimage','torch') if m in sys.modules]]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    names, fingerprint, shape, imported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(names) == 14 and "moon.png" not in names and shape == [224, 224, 3] and imported == []
+    if len(_load_photos()[0]) == 16:
+        assert fingerprint != BuiltinDataset(split="val", image_size=64, limit=3, cache=False).fingerprint
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,45 @@ def test_public_api_encodes_and_decodes(tiny_bundles, images):
     enc, dec = EdgeEncoder(bundle, "onnxruntime"), ServerDecoder(bundle, "onnxruntime")
     assert dec.decode(enc.encode(images[0])).shape == (10,)
     assert verify_backend(bundle, "onnxruntime").ok
+
+
+def test_bench_and_send_on_builtin_run_without_train_dependencies(tiny_bundles, tmp_path):
+    """What a device install (`pip install 'splitbits[runtime]'`) must do: `splitbits bench BUNDLE` and
+    `splitbits send` (against `splitbits serve`) on the builtin dataset, in interpreters where
+    scikit-image, torch and compressai cannot be imported (a blocking finder installed by sitecustomize)."""
+    import os
+    import signal
+
+    from support import TRAIN_ONLY_MODULES, runtime_only_env
+
+    env = runtime_only_env(tmp_path, {**os.environ, "SPLITBITS_CACHE": str(tmp_path / "cache")})
+    for mod in TRAIN_ONLY_MODULES:
+        probe = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True, env=env)
+        assert probe.returncode != 0 and "blocked" in probe.stderr, mod
+    cli = [sys.executable, "-m", "splitbits.runtime.cli"]
+    bundle = str(tiny_bundles["mshp"])
+    res = subprocess.run([*cli, "bench", bundle, "--backend", "onnxruntime", "--limit", "6", "--warmup", "1",
+                          "--json", str(tmp_path / "bench.json"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["inputs"]["dataset"].startswith("builtin") and bench["images"] == 6, bench["inputs"]
+    srv = subprocess.Popen([*cli, "serve", bundle, "--port", "0", "--backend", "onnxruntime"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = srv.stdout.readline()
+        m = re.search(r"listening on ([\d.]+):(\d+)", line)
+        assert m, line + srv.stderr.read()
+        res = subprocess.run([*cli, "send", bundle, "--server", f"{m.group(1)}:{m.group(2)}", "--limit", "5",
+                              "--backend", "onnxruntime", "--json", str(tmp_path / "send.json"), "--no-progress"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        sent = json.loads((tmp_path / "send.json").read_text())
+        assert sent["answered_ok"] == 5 and sent["images"] == 5
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
