@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from splitbits.cluster.connect import connect
 from splitbits.cluster.serve import APP_NAME, start_serve_ray
 from splitbits.runtime.client import HttpLinkClient, LinkClient, LinkError
 from splitbits.runtime.datasets import load_arrays
@@ -119,9 +120,7 @@ def _tcp(bundle: str, backend: str, packets: list[bytes], ref: np.ndarray, *, re
 def _ray_serve(bundle: str, backend: str, packets: list[bytes], ref: np.ndarray, *, requests: int,
                concurrency: int, max_batch: int, max_wait_ms: float, replicas: int, host: str) -> dict[str, Any]:
     """The load against the Ray Serve deployment (``replicas`` replicas, one CPU each)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=replicas, include_dashboard=False, log_to_driver=False)
+    started = connect(num_cpus=replicas)
     port = _free_port(host)
     try:
         start_serve_ray(bundle, backend, {}, host=host, port=port, replicas=replicas, max_batch=max_batch,

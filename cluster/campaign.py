@@ -34,6 +34,7 @@ from splitbits.attacks.campaign import (
     report_campaign,
 )
 from splitbits.attacks.runner import machine_info, pick_device
+from splitbits.cluster.connect import connect
 from splitbits.runtime.progress import Bars
 from splitbits.runtime.report import write_json
 
@@ -72,22 +73,6 @@ def _compute_unit(c: Campaign, u: Unit, device: str, threads: int,
     return ukey, ctx.compute(u, None, progress=progress), ray.util.get_node_ip_address()
 
 
-def _connect(address: str | None, num_cpus: int | None) -> bool:
-    """Join ``address`` (a started cluster, or "auto"), else start Ray in this process; True if this
-    call started it (and so shuts it down)."""
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    try:
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=num_cpus, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise CampaignError(f"cannot start or join Ray at {address or 'this process'}: {exc}") from exc
-    return True
-
-
 def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None = None, fresh: bool = False,
                      device: str | None = None, cpus: float = 1.0, gpus: float = 0.0, num_cpus: int | None = None,
                      max_retries: int = 3, progress: bool = True,
@@ -114,7 +99,7 @@ def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None
         del ctx
         log.info("campaign %s on Ray: %d units, %d already stored, %d to run", c.config["name"], len(units),
                  len(units) - len(todo), len(todo))
-        started = _connect(address, num_cpus)
+        started = connect(address, num_cpus)
         t0 = time.perf_counter()
         computed, failed = _drive(c, store, todo, dev, threads, (cpus, gpus, max_retries), progress, on_unit, fault)
         summary: dict[str, Any] = {

@@ -33,6 +33,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from splitbits.cluster.connect import connect
 from splitbits.runtime.client import HTTP_LOGITS, HTTP_REQUEST_ID
 from splitbits.runtime.errors import SplitbitsError
 from splitbits.runtime.pipeline import ServerDecoder, Timer
@@ -166,10 +167,7 @@ def run_serve_ray(bundle: str, backend: str = "auto", options: dict[str, Any] | 
                   stop: threading.Event | None = None) -> dict[str, Any]:
     """``splitbits serve --ray``: start (or join, ``address``) Ray, deploy, serve until ``stop`` is
     set (or SIGINT/SIGTERM), then tear the application down; returns what was served."""
-    started = not ray.is_initialized()
-    if started:
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        ray.init(address=address, **kw) if address else ray.init(**kw)
+    started = connect(address)
     restore: dict[int, Any] = {}
     if stop is None:
         stop = threading.Event()

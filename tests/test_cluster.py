@@ -130,13 +130,21 @@ def test_campaign_cli_ray_resumes_a_stored_run_and_writes_parquet(ray_cluster, s
     assert json.loads((out / "run_ray.json").read_text())["skipped"] == len(plan_units(campaign))
 
 
-def test_campaign_cli_ray_options_are_checked(student, tmp_path, capsys):
+def test_cli_ray_options_are_checked(student, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"name": "x", "models": [str(student[0])]}))
-    assert cli_main(["campaign", str(cfg), "--ray", "--shard", "0/2"]) == 2
-    assert "--shard is for one host" in capsys.readouterr().err
-    assert cli_main(["campaign", str(cfg), "--gpus-per-unit", "1"]) == 2
-    assert "apply to --ray" in capsys.readouterr().err
+    pem = tmp_path / "x.pem"
+    pem.write_text("not used")
+    bundle = str(student[1])
+    for argv, err in [
+        (["campaign", str(cfg), "--ray", "--shard", "0/2"], "--shard is for one host"),
+        (["campaign", str(cfg), "--gpus-per-unit", "1"], "apply to --ray"),
+        (["serve", bundle, "--ray", "--tls-cert", str(pem)], "--ray serves plain HTTP"),
+        (["send", bundle, "--server", "https://h:8000"], "https is not supported"),
+        (["send", bundle, "--server", "http://h:8000", "--tls-ca", str(pem)], "--tls-* are for the TCP server"),
+    ]:
+        assert cli_main(argv) == 2, argv
+        assert err in capsys.readouterr().err, argv
 
 
 def _free_port() -> int:
