@@ -73,6 +73,16 @@ def _compute_unit(c: Campaign, u: Unit, device: str, threads: int,
     return ukey, ctx.compute(u, None, progress=progress), ray.util.get_node_ip_address()
 
 
+def _unit_device(device: str, gpus: float) -> str:
+    """The torch device of a unit: CUDA only on the GPUs Ray gave it (``gpus`` > 0), else the CPU."""
+    if gpus > 0:
+        return "cuda"
+    if device.startswith("cuda"):
+        raise CampaignError(f"device {device!r} on Ray needs GPUs per unit (--gpus-per-unit 1): a unit without them "
+                            "would use a GPU Ray has not given it")
+    return "cpu"
+
+
 def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None = None, fresh: bool = False,
                      device: str | None = None, cpus: float = 1.0, gpus: float = 0.0, num_cpus: int | None = None,
                      max_retries: int = 3, progress: bool = True,
@@ -86,7 +96,7 @@ def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None
     ``on_unit(unit, n_stored)`` runs on the driver after each stored unit.
     """
     out = Path(out)
-    dev = "cuda" if gpus > 0 else (device or c.config["device"])
+    dev = _unit_device(device or c.config["device"], gpus)
     threads = int(c.config["threads"] or max(1, int(cpus)))
     store = _open_store(c, out, 0, fresh)
     started = False

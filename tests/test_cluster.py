@@ -139,12 +139,14 @@ def test_cli_ray_options_are_checked(student, tmp_path, capsys):
     for argv, err in [
         (["campaign", str(cfg), "--ray", "--shard", "0/2"], "--shard is for one host"),
         (["campaign", str(cfg), "--gpus-per-unit", "1"], "apply to --ray"),
+        (["campaign", str(cfg), "--ray", "--device", "cuda", "--out", str(tmp_path / "o")], "--gpus-per-unit 1"),
         (["serve", bundle, "--ray", "--tls-cert", str(pem)], "--ray serves plain HTTP"),
         (["send", bundle, "--server", "https://h:8000"], "https is not supported"),
         (["send", bundle, "--server", "http://h:8000", "--tls-ca", str(pem)], "--tls-* are for the TCP server"),
     ]:
         assert cli_main(argv) == 2, argv
         assert err in capsys.readouterr().err, argv
+    assert not (tmp_path / "o").exists()
 
 
 def _free_port() -> int:
