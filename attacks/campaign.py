@@ -462,7 +462,7 @@ class _Data:
         return (*self.cache[key], todo)
 
 
-def _open_store(c: Campaign, out: Path, rank: int, fresh: bool) -> ResultStore:
+def open_store(c: Campaign, out: Path, rank: int, fresh: bool) -> ResultStore:
     """``out/results.sqlite`` of this config's frame (dataset, limit, chunk, seed); ``fresh`` (rank 0)
     discards it first; a store of another frame is refused."""
     db_path = out / DB_NAME
@@ -510,7 +510,7 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
     dev = pick_device(device or c.config["device"])
     if dev.type == "cuda" and world > 1 and dev.index is None:
         dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
-    store = _open_store(c, out, rank, fresh)
+    store = open_store(c, out, rank, fresh)
     try:
         if world > 1:
             _check_one_host(store, out)

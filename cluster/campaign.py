@@ -29,7 +29,7 @@ from splitbits.attacks.campaign import (
     CampaignError,
     Unit,
     UnitContext,
-    _open_store,
+    open_store,
     plan_units,
     report_campaign,
 )
@@ -98,7 +98,7 @@ def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None
     out = Path(out)
     dev = _unit_device(device or c.config["device"], gpus)
     threads = int(c.config["threads"] or max(1, int(cpus)))
-    store = _open_store(c, out, 0, fresh)
+    store = open_store(c, out, 0, fresh)
     started = False
     try:
         ctx = UnitContext(c, pick_device("cpu"))  # every bad input fails here, before Ray starts
@@ -136,23 +136,33 @@ def run_campaign_ray(c: Campaign, out: str | os.PathLike, *, address: str | None
 def _drive(c: Campaign, store: Any, todo: list[Unit], device: str, threads: int, resources: tuple[float, float, int],
            progress: bool, on_unit: Callable[[Unit, int], None] | None,
            fault: Callable[[str, int], None] | None) -> tuple[int, list[dict[str, str]]]:
-    """Submit ``todo`` as tasks, store each unit's rows as it comes back; (stored, failures)."""
+    """Keep the cluster busy with ``todo`` (at most twice as many tasks in flight as units fit, so a
+    huge grid neither floods Ray nor waits on a huge list) and store each unit's rows as they come
+    back; (stored, failures)."""
     cpus, gpus, retries = resources
     task = ray.remote(_compute_unit).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                              retry_exceptions=False)
+    fit = ray.cluster_resources().get("CPU", 1.0) / cpus
+    if gpus > 0:
+        fit = min(fit, ray.cluster_resources().get("GPU", 0.0) / gpus)
+    window = max(2, int(2 * fit))
     c_ref = ray.put(c)
-    pending = {task.remote(c_ref, u, device, threads, fault): u for u in todo}
+    queue, pending = list(reversed(todo)), {}
     computed, failed = 0, []
     try:
         with Bars(progress, unit="units") as bars:
             bar = bars.add(f"campaign {c.config['name']} (Ray)", len(todo))
-            while pending:
+            while queue or pending:
+                while queue and len(pending) < window:
+                    u = queue.pop()
+                    pending[task.remote(c_ref, u, device, threads, fault)] = u
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 u = pending.pop(ready[0])
                 try:
                     ukey, rows, node = ray.get(ready[0])
-                except (ray.exceptions.RayError, CampaignError) as exc:
-                    failed.append({"unit": f"{u.point.key()}|chunk{u.chunk}", "error": str(exc).splitlines()[0]})
+                except ray.exceptions.RayError as exc:  # a failure in the unit, or its worker died too often
+                    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+                    failed.append({"unit": f"{u.point.key()}|chunk{u.chunk}", "error": lines[-1].strip()})
                     bars.advance(bar, info=f"{len(failed)} failed")
                     continue
                 if rows:

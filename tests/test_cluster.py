@@ -116,6 +116,24 @@ def test_ray_worker_killed_mid_unit_is_retried(ray_cluster, campaign, plain, tmp
     assert _report(out) == _report(plain)
 
 
+def test_ray_unit_that_fails_is_reported_and_left_for_the_next_run(ray_cluster, campaign, plain, tmp_path):
+    from splitbits.attacks.campaign import CampaignError
+    from splitbits.cluster.campaign import run_campaign_ray
+
+    def fail(unit_key: str, images_done: int) -> None:  # an error in the unit itself: not retried
+        if "noise" in unit_key and "chunk0" in unit_key:
+            raise ValueError("injected failure")
+
+    out = tmp_path / "failing"
+    with pytest.raises(CampaignError, match=r"1 unit\(s\) failed.*injected failure"):
+        run_campaign_ray(campaign, out, progress=False, fault=fail)
+    units = len(plan_units(campaign))
+    assert json.loads((out / "run_ray.json").read_text())["computed"] == units - 1
+    s = run_campaign_ray(campaign, out, progress=False)
+    assert s["computed"] == 1 and s["skipped"] == units - 1
+    assert _rows(out) == _rows(plain)
+
+
 def test_campaign_cli_ray_resumes_a_stored_run_and_writes_parquet(ray_cluster, student, campaign, plain, tmp_path,
                                                                    capsys):
     import shutil
