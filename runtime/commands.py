@@ -106,10 +106,12 @@ least, 1.3 preferred); add --tls-client-ca to serve only devices whose certifica
 'splitbits[cluster]'): --replicas processes, each batching requests with @serve.batch (--max-batch,
 --max-wait-ms), behind Ray Serve's HTTP proxy at http://HOST:PORT/ (a POST per packet; `splitbits
 send --server http://HOST:PORT` speaks it). A bad packet gets the same JSON error (HTTP 400) and
-never takes a replica down. Ray runs in this process, or joins the cluster at --ray-address. It is
-for many devices and more than one machine; the asyncio TCP server above stays the light default
-for one machine and for the Jetson-side loopback (no TLS and no connection deadlines on --ray:
-put it behind the cluster's own ingress).
+never takes a replica down; a replica takes at most 64 requests at once. The TCP server's bounds
+(--queue-size, --max-inflight, --max-connections, --decode-threads, the deadlines) do not apply.
+Ray runs in this process, or joins the cluster at --ray-address. It is for many devices and more
+than one machine; the asyncio TCP server above stays the light default for one machine and for
+the Jetson-side loopback (no TLS and no connection deadlines on --ray: put it behind the
+cluster's own ingress).
 
   splitbits serve runs/demo/bundle --ray --replicas 4 --host 0.0.0.0 --port 8000
 """
