@@ -33,7 +33,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from splitbits.cluster.connect import connect
+from splitbits.cluster.connect import ClusterError, connect
 from splitbits.runtime.client import HTTP_LOGITS, HTTP_REQUEST_ID
 from splitbits.runtime.errors import SplitbitsError
 from splitbits.runtime.pipeline import ServerDecoder, Timer
@@ -132,32 +132,24 @@ def start_serve_ray(bundle: str, backend: str = "auto", options: dict[str, Any] 
                     max_wait_ms: float = 2.0, replica_cpus: float = 1.0, replica_gpus: float = 0.0,
                     verify: bool = True) -> tuple[str, Any]:
     """Deploy the replicas on the Ray this process is connected to and serve HTTP on host:port;
-    returns (URL, handle). A bundle that fails golden verification raises ``VerificationError``."""
+    returns (URL, handle). With ``verify`` the bundle is checked against its ``golden/`` here first
+    (``VerificationError`` before anything is deployed), then by each replica on its own node."""
     from ray.serve.config import HTTPOptions
 
+    if verify:
+        here = ServerDecoder(bundle, backend, **dict(options or {}))
+        here.warmup()
+        verify_server_backend(here)
     serve.start(http_options=HTTPOptions(host=host, port=port))
     app = SplitReplica.options(num_replicas=replicas, ray_actor_options={
         "num_cpus": replica_cpus, "num_gpus": replica_gpus}).bind(
         str(bundle), backend, dict(options or {}), max_batch, max_wait_ms, verify)
     try:
         handle = serve.run(app, name=APP_NAME, route_prefix="/")
-    except ray.exceptions.RayActorError as exc:
-        _raise_verification(exc)
-        raise
-    except RuntimeError as exc:  # Serve reports a replica that failed to start as a deploy failure
-        _raise_verification(exc)
-        raise
+    except (RuntimeError, ray.exceptions.RayError) as exc:  # a replica that did not start (its node's backend)
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise ClusterError(f"deploying {bundle} on Ray Serve failed: {lines[-1].strip()}") from exc
     return f"http://{host}:{port}/", handle
-
-
-def _raise_verification(exc: BaseException) -> None:
-    """A replica's ``VerificationError`` (its constructor verifies the bundle) as the CLI's refusal."""
-    from splitbits.runtime.errors import VerificationError
-
-    text = str(exc)
-    if "VerificationError" in text:
-        line = next((ln for ln in text.splitlines() if "VerificationError" in ln), text)
-        raise VerificationError(line.split("VerificationError:", 1)[-1].strip()) from exc
 
 
 def run_serve_ray(bundle: str, backend: str = "auto", options: dict[str, Any] | None = None, *,

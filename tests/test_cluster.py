@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
-from support import make_student  # noqa: E402
+from support import make_student, tamper_tail  # noqa: E402
 
 from splitbits.attacks.campaign import ResultStore, export_parquet, parse_campaign, plan_units, run_campaign  # noqa: E402
 from splitbits.runtime.cli import main as cli_main  # noqa: E402
@@ -203,6 +203,12 @@ def test_serve_ray_cli_error_contract_and_send(ray_cluster, student, tmp_path):
     assert res["link"]["emulated_mbps"] == 100.0 and res["wire"]["transport"] == "http"
     assert res["latency_ms"]["server.tail"]["n"] == 4 and res["wire"]["per_request"]["wire_sent"] > res["bytes"][
         "packet"]["mean"]
+
+
+def test_serve_ray_refuses_a_bundle_that_fails_golden_verification(ray_cluster, student, tmp_path, capsys):
+    bad = tamper_tail(student[1], tmp_path / "bad")
+    rc = cli_main(["serve", str(bad), "--ray", "--port", str(_free_port()), "--backend", "onnxruntime"])
+    assert rc == 3 and "REFUSED" in capsys.readouterr().err
 
 
 def _exercise(bundle: str, port: int, tmp_path) -> dict:
