@@ -52,7 +52,8 @@ whichever worker is free and retried if its worker dies; the results stream back
 which alone writes the store (so OUT stays on this machine's disk). Without ADDRESS Ray runs in
 this process on this machine's cores; with one it joins a started cluster (`ray start --head` on
 one node, `ray start --address HEAD:6379` on the others; the models and dataset paths must be
-readable on every node):
+readable on every node; Ray >= 2.59 clusters want RAY_AUTH_MODE=token and the head's token on every
+node and here):
 
   splitbits campaign CONFIG.yaml --ray                       # every core of this machine
   splitbits campaign CONFIG.yaml --ray auto --gpus-per-unit 1  # the cluster this node belongs to
@@ -239,7 +240,7 @@ def _campaign_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--gpus-per-unit", type=float_range(0), default=0.0,
                    help="GPUs a unit takes (> 0: units run on CUDA)")
     r.add_argument("--ray-cpus", type=positive_int, default=None,
-                   help="without ADDRESS: the CPUs of the in-process Ray (default: all)")
+                   help="without ADDRESS: the CPUs of the in-process Ray (None: all of this machine's)")
     r.add_argument("--max-retries", type=int_range(0, 100), default=3,
                    help="times a unit is retried when its worker dies")
 
