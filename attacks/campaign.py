@@ -7,10 +7,12 @@ severities outside 1–5, missing models and empty datasets are all errors up fr
 Work is split into *units* — one (model, threat, level, chunk of ``chunk`` images) — and each unit
 writes one row per defence into ``OUT/results.sqlite`` in a single transaction. An interrupted
 campaign therefore loses at most the unit in flight; rerunning the same command resumes and never
-recomputes a stored unit. Units are assigned round-robin over shards (``RANK``/``WORLD_SIZE`` from
-``torchrun``, or ``--shard I/N``), each shard on its own device (``cuda:LOCAL_RANK``), all writing to
-the same SQLite file (WAL mode), and its counts and machine to ``OUT/run_rankR.json``. The last
-shard to finish writes the report (``--report-only`` rewrites it from whatever is stored).
+recomputes a stored unit. One machine: ``--shard I/N`` runs every N-th unit in this process, all
+shards writing the same SQLite file (WAL mode, which needs one host: a store already written by a
+shard on another host is refused), each its counts and machine to ``OUT/run_rankR.json``; the last
+shard to finish writes the report. Past one machine, ``--ray`` (``splitbits.cluster.campaign``)
+schedules the units as Ray tasks and its driver alone writes the store. ``--report-only`` rewrites
+the report from whatever is stored; :func:`export_parquet` writes the rows for pandas/pyarrow.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -88,7 +91,7 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "chunk": ((int,), 64, "images per stored row (the resume granularity)"),
     "batch": ((int,), 32, "images per attack batch (EOT multiplies it)"),
     "seed": ((int,), 0, "campaign seed (each unit derives its own)"),
-    "device": ((str,), "auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)"),
+    "device": ((str,), "auto", "auto, cpu or cuda (--shard I/N: cuda:I; --ray: a GPU per unit)"),
     "threads": ((int,), None, "torch CPU threads; null: leave as is"),
     "eps_unit": ((str,), "255", "ε values are k/255 ('255', the paper's notation) or fractions ('unit')"),
     "threats": ((list,), [{"name": "clean"}], "attacks: {name, eps: [..], steps, eot, ...}"),
@@ -313,7 +316,8 @@ CREATE TABLE IF NOT EXISTS results (
     attack_s REAL, objective TEXT, objective_clean REAL, objective_adv REAL, loss_rose INTEGER,
     data TEXT NOT NULL, rank INTEGER, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS results_unit ON results(unit_key);
-CREATE TABLE IF NOT EXISTS shards (rank INTEGER PRIMARY KEY, world INTEGER, status TEXT, finished REAL);
+CREATE TABLE IF NOT EXISTS shards (rank INTEGER PRIMARY KEY, world INTEGER, status TEXT, finished REAL,
+                                   host TEXT);
 """
 
 
@@ -327,6 +331,8 @@ class ResultStore:
         self.con.execute("PRAGMA busy_timeout=120000")
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.executescript(SCHEMA)
+        if "host" not in {r[1] for r in self.con.execute("PRAGMA table_info(shards)")}:  # a store of before 0.1
+            self.con.execute("ALTER TABLE shards ADD COLUMN host TEXT")
 
     def close(self) -> None:
         self.con.close()
@@ -367,8 +373,12 @@ class ResultStore:
         return int(self.con.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
     def mark_shard(self, rank: int, world: int, status: str) -> None:
-        self.con.execute("INSERT OR REPLACE INTO shards(rank, world, status, finished) VALUES (?, ?, ?, ?)",
-                         (rank, world, status, time.time()))
+        self.con.execute("INSERT OR REPLACE INTO shards(rank, world, status, finished, host) VALUES (?, ?, ?, ?, ?)",
+                         (rank, world, status, time.time(), socket.gethostname()))
+
+    def shard_hosts(self) -> set[str]:
+        """Hosts that have run a shard on this store (one, or the store is shared across machines)."""
+        return {h for (h,) in self.con.execute("SELECT host FROM shards WHERE host IS NOT NULL")}
 
     def shard_status(self) -> dict[int, str]:
         return dict(self.con.execute("SELECT rank, status FROM shards").fetchall())
@@ -391,20 +401,18 @@ class Unit:
         return f"{model_id}|{self.point.key()}|chunk{self.chunk}"
 
 
-def shard_from_env(shard: str | None = None) -> tuple[int, int, int]:
-    """(rank, world, local_rank) from ``--shard I/N`` or torchrun's environment."""
-    if shard:
-        try:
-            r, _, w = shard.partition("/")
-            rank, world = int(r), int(w)
-        except ValueError:
-            raise CampaignError(f"--shard must be I/N (e.g. 0/4), got {shard!r}") from None
-        if not 0 <= rank < world:
-            raise CampaignError(f"--shard {shard}: need 0 <= I < N")
-        return rank, world, rank
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+def parse_shard(shard: str | None = None) -> tuple[int, int]:
+    """(rank, world) from ``--shard I/N``; (0, 1) without one."""
+    if not shard:
+        return 0, 1
+    try:
+        r, _, w = shard.partition("/")
+        rank, world = int(r), int(w)
+    except ValueError:
+        raise CampaignError(f"--shard must be I/N (e.g. 0/4), got {shard!r}") from None
+    if not 0 <= rank < world:
+        raise CampaignError(f"--shard {shard}: need 0 <= I < N")
+    return rank, world
 
 
 def _frame(c: Campaign) -> dict[str, Any]:
@@ -465,7 +473,7 @@ class _Data:
         return (*self.cache[key], todo)
 
 
-def _open_store(c: Campaign, out: Path, rank: int, fresh: bool) -> ResultStore:
+def open_store(c: Campaign, out: Path, rank: int, fresh: bool) -> ResultStore:
     """``out/results.sqlite`` of this config's frame (dataset, limit, chunk, seed); ``fresh`` (rank 0)
     discards it first; a store of another frame is refused."""
     db_path = out / DB_NAME
@@ -501,36 +509,36 @@ def _targets(c: Campaign, dev: torch.device) -> list[tuple[Target, str]]:
 def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, shard: str | None = None,
                  device: str | None = None, progress: bool = True,
                  on_unit: Callable[[Unit, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the campaign (this process's shard) into ``out``; returns counts and writes
-    them with the machine to ``out/run_rankR.json``; the last shard to finish writes the report.
+    """Run (or resume) the campaign (this process's ``--shard I/N``, default all of it) into ``out``;
+    returns counts and writes them with the machine to ``out/run_rankR.json``; the last shard to
+    finish writes the report.
 
     ``on_unit(unit, n_computed)`` is called after each stored unit (progress hooks, tests).
     """
     out = Path(out)
-    rank, world, local_rank = shard_from_env(shard)
+    rank, world = parse_shard(shard)
     if c.config["threads"]:
         torch.set_num_threads(int(c.config["threads"]))
     dev = pick_device(device or c.config["device"])
     if dev.type == "cuda" and world > 1 and dev.index is None:
-        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    store = _open_store(c, out, rank, fresh)
+        dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    store = open_store(c, out, rank, fresh)
     try:
-        # Everything that can fail on bad input fails here, before the first attack.
-        targets, data = _targets(c, dev), _Data(c)
-        for t, _ in targets:
-            data.get(t.model.spec.input_size, CLEAN)
+        if world > 1:
+            _check_one_host(store, out)
+        ctx = UnitContext(c, dev)  # everything that can fail on bad input fails here, before the first attack
         units = plan_units(c)
         mine = [u for i, u in enumerate(units) if i % world == rank]
         done = store.done_units(d.label for d in c.defences)
-        todo = [u for u in mine if u.key(targets[u.model_index][1]) not in done]
+        todo = [u for u in mine if ctx.key(u) not in done]
         log.info("campaign %s: %d units, shard %d/%d has %d, %d already stored, %d to run",
                  c.config["name"], len(units), rank, world, len(mine), len(mine) - len(todo), len(todo))
-        computed = _run_units(c, store, todo, targets, data, (rank, world), progress and rank == 0, on_unit)
+        computed = _run_units(ctx, store, todo, (rank, world), progress and rank == 0, on_unit)
         summary = {"units": len(units), "shard_units": len(mine), "computed": computed,
                    "skipped": len(mine) - len(todo), "rows": store.count(), "rank": rank, "world": world}
         status = store.shard_status()
         if all(status.get(r) == "done" for r in range(world)):  # the last shard to finish writes the report
-            files = report_campaign(c, out, store, [m for _, m in targets])
+            files = report_campaign(c, out, store, [m for _, m in ctx.targets])
             summary["report"] = {k: str(v) for k, v in files.items()}
         else:
             log.info("shards %s still running; the last one to finish writes the report",
@@ -542,30 +550,61 @@ def run_campaign(c: Campaign, out: str | os.PathLike, *, fresh: bool = False, sh
     return summary
 
 
-def _run_units(c: Campaign, store: ResultStore, todo: list[Unit], targets: list[tuple[Target, str]], data: _Data,
-               shard: tuple[int, int], progress: bool, on_unit: Callable[[Unit, int], None] | None) -> int:
+def _check_one_host(store: ResultStore, out: Path) -> None:
+    """Shards share the SQLite file in WAL mode, which needs shared memory: one host only."""
+    others = store.shard_hosts() - {socket.gethostname()}
+    if others:
+        raise CampaignError(f"shards of {out} ran on {', '.join(sorted(others))}: --shard I/N runs on one host "
+                            "(SQLite's WAL needs shared memory); across machines use --ray, or start over with --fresh")
+
+
+class UnitContext:
+    """What a process needs to compute units of a campaign: its checked targets, the images and a
+    runtime meter per model (built once, reused for every unit it computes)."""
+
+    def __init__(self, c: Campaign, dev: torch.device) -> None:
+        self.c = c
+        self.targets, self.data = _targets(c, dev), _Data(c)
+        for t, _ in self.targets:
+            self.data.get(t.model.spec.input_size, CLEAN)
+        self.meters: dict[int, RuntimeMeter] = {}
+
+    def key(self, u: Unit) -> str:
+        return u.key(self.targets[u.model_index][1])
+
+    def compute(self, u: Unit, rank: int | None, progress: Callable[[int], None] | None = None
+                ) -> list[dict[str, Any]]:
+        """The rows of unit ``u`` (one per defence; none if the dataset has no image in its range)."""
+        t, mid = self.targets[u.model_index]
+        if u.model_index not in self.meters:
+            self.meters[u.model_index] = RuntimeMeter(t.bundle)
+        imgs, labels, point = self.data.get(t.model.spec.input_size, u.point)
+        sl = slice(u.start, min(u.stop, len(imgs)))
+        if sl.start >= sl.stop:
+            return []
+        ukey = u.key(mid)
+        res = evaluate_point(t, self.meters[u.model_index], imgs[sl], labels[sl], point, self.c.defences,
+                             seed=_unit_seed(self.c.config["seed"], ukey), indices=np.arange(sl.start, sl.stop),
+                             batch=self.c.config["batch"], progress=progress)
+        return _rows(ukey, mid, t, u, res, rank)
+
+
+def _run_units(ctx: UnitContext, store: ResultStore, todo: list[Unit], shard: tuple[int, int], progress: bool,
+               on_unit: Callable[[Unit, int], None] | None) -> int:
     """Compute and store ``todo`` in order (one transaction per unit); returns how many were stored.
     The shard is marked running, then done, or failed if anything (even ^C) interrupts it."""
     rank, world = shard
-    meters: dict[int, RuntimeMeter] = {}
+    c = ctx.c
     computed = 0
     store.mark_shard(rank, world, "running")
     try:
         with Bars(progress, unit="images") as bars:
             task = bars.add(f"campaign {c.config['name']}", sum(u.stop - u.start for u in todo))
             for u in todo:
-                t, mid = targets[u.model_index]
-                if u.model_index not in meters:
-                    meters[u.model_index] = RuntimeMeter(t.bundle)
-                imgs, labels, point = data.get(t.model.spec.input_size, u.point)
-                sl = slice(u.start, min(u.stop, len(imgs)))
-                if sl.start >= sl.stop:
+                rows = ctx.compute(u, rank, progress=lambda n: bars.advance(task, n))
+                if not rows:
                     continue
-                ukey = u.key(mid)
-                res = evaluate_point(t, meters[u.model_index], imgs[sl], labels[sl], point, c.defences,
-                                     seed=_unit_seed(c.config["seed"], ukey), indices=np.arange(sl.start, sl.stop),
-                                     batch=c.config["batch"], progress=lambda n: bars.advance(task, n))
-                store.write_unit(_rows(ukey, mid, t, u, res, rank))
+                store.write_unit(rows)
                 computed += 1
                 if on_unit is not None:
                     on_unit(u, computed)
@@ -592,7 +631,23 @@ def report_campaign(c: Campaign, out: str | os.PathLike, store: ResultStore | No
                         defences={d.label for d in c.defences})
 
 
-def _rows(ukey: str, mid: str, t: Target, u: Unit, res: PointResult, rank: int) -> list[dict[str, Any]]:
+def export_parquet(out: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Write every stored row of ``out/results.sqlite`` to ``path`` (default ``out/results.parquet``)
+    for analysis with pandas/pyarrow (the ``cluster`` extra); ``data`` stays a JSON string."""
+    import pandas as pd
+
+    db = Path(out) / DB_NAME
+    if not db.is_file():
+        raise CampaignError(f"no results in {out} (nothing to export)")
+    with contextlib.closing(ResultStore(db)) as st:
+        frame = pd.DataFrame(st.rows())
+    dst = Path(path) if path is not None else Path(out) / "results.parquet"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(dst, index=False)
+    return dst
+
+
+def _rows(ukey: str, mid: str, t: Target, u: Unit, res: PointResult, rank: int | None) -> list[dict[str, Any]]:
     rows = []
     p = u.point
     att = res.attack

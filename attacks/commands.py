@@ -12,6 +12,7 @@ from typing import Any
 from splitbits.runtime.cli import (
     CliError,
     Command,
+    extension,
     float_range,
     int_range,
     needs_extra,
@@ -48,14 +49,27 @@ examples:
 CAMPAIGN_DESCRIPTION = """\
 Run a grid of models × threats × ε (and corruptions × severities) × defences from a YAML config,
 storing results row by row in OUT/results.sqlite: an interrupted campaign loses at most the unit in
-flight, and rerunning the same command resumes without redoing stored rows. Shard across processes
-or GPUs with torchrun (each rank takes every WORLD_SIZE-th unit):
+flight, and rerunning the same command resumes without redoing stored rows.
 
-  torchrun --nproc_per_node 4 --no-python splitbits campaign CONFIG.yaml
-  splitbits campaign CONFIG.yaml --shard 1/4      # by hand, one process per shard
+Past one process, on Ray (pip install 'splitbits[cluster]'): each unit is a Ray task, scheduled on
+whichever worker is free and retried if its worker dies; the results stream back to this process,
+which alone writes the store (so OUT stays on this machine's disk). Without ADDRESS Ray runs in
+this process on this machine's cores; with one it joins a started cluster (`ray start --head` on
+one node, `ray start --address HEAD:6379` on the others; the models and dataset paths must be
+readable on every node; Ray >= 2.59 clusters want RAY_AUTH_MODE=token and the head's token on every
+node and here):
+
+  splitbits campaign CONFIG.yaml --ray                       # every core of this machine
+  splitbits campaign CONFIG.yaml --ray auto --gpus-per-unit 1  # the cluster this node belongs to
+
+On one machine without Ray, --shard I/N runs every N-th unit in this process (start N of them; the
+SQLite file is shared in WAL mode, one host only):
+
+  splitbits campaign CONFIG.yaml --shard 1/4
 
 Writes OUT/report.md, report.html, report.json and PNG plots (bytes vs ε, accuracy vs ε, bytes per
-corruption and severity). See attacks/campaigns/example.yaml for every key.
+corruption and severity); --parquet also writes OUT/results.parquet (every stored row, for pandas).
+See attacks/campaigns/example.yaml for every key.
 """
 
 DEMO_DESCRIPTION = """\
@@ -219,34 +233,70 @@ def _campaign_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="discard stored results and start over")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from stored rows")
     p.add_argument("--dry-run", action="store_true", help="validate the config and list the units; run nothing")
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="run shard I of N (default: torchrun's RANK/WORLD_SIZE)")
+    p.add_argument("--parquet", action="store_true",
+                   help="also write OUT/results.parquet, every stored row (pandas and pyarrow: the cluster extra)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="one host, without Ray: run shard I of N here")
     p.add_argument("--device", default=None, help="override the config's device")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("Ray (the cluster extra)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the units as Ray tasks: in this process, or on the cluster at ADDRESS (auto: the "
+                        "cluster this node joined, or HOST:6379)")
+    r.add_argument("--cpus-per-unit", type=positive_float, default=1.0, help="CPUs a unit takes (torch threads)")
+    r.add_argument("--gpus-per-unit", type=float_range(0), default=0.0,
+                   help="GPUs a unit takes (> 0: units run on CUDA)")
+    r.add_argument("--ray-cpus", type=positive_int, default=None,
+                   help="without ADDRESS: the CPUs of the in-process Ray (None: all of this machine's)")
+    r.add_argument("--max-retries", type=int_range(0, 100), default=3,
+                   help="times a unit is retried when its worker dies")
 
 
 def _campaign_run(args: argparse.Namespace) -> int:
     with needs_extra("attacks"):
         from splitbits.attacks.campaign import load_campaign, output_dir, plan_units, report_campaign, run_campaign
 
+    if args.ray is not None and args.shard:
+        raise CliError("--ray schedules every unit itself; --shard is for one host without Ray")
+    if args.ray is None and (args.ray_cpus or args.gpus_per_unit):
+        raise CliError("--ray-cpus and --gpus-per-unit apply to --ray")
     c = load_campaign(args.config)
     out = output_dir(c, args.out)
     if args.report_only:
         files = report_campaign(c, out)
         print(f"wrote {files['markdown']} and {files['html']}")
-        return 0
+        return _parquet(out, args.parquet)
     if args.dry_run:
         print(f"{c.config['name']}: {len(c.models)} model(s) × {len(c.points)} points × "
               f"{len(c.defences)} defence(s); {len(plan_units(c))} units of ≤{c.config['chunk']} images → {out}")
         for p in c.points:
             print(f"  {p.threat:14s} {p.level}")
         return 0
-    summary = run_campaign(c, out, fresh=args.fresh, shard=args.shard, device=args.device,
-                           progress=not args.no_progress)
+    if args.parquet:  # before the work, not after it
+        with needs_extra("cluster"):
+            import pandas  # noqa: F401
+            import pyarrow  # noqa: F401
+    if args.ray is not None:
+        run_ray = extension("campaign.ray", "cluster")
+        summary = run_ray(c, out, address=args.ray or None, fresh=args.fresh, device=args.device,
+                          cpus=args.cpus_per_unit, gpus=args.gpus_per_unit, num_cpus=args.ray_cpus,
+                          max_retries=args.max_retries, progress=not args.no_progress)
+    else:
+        summary = run_campaign(c, out, fresh=args.fresh, shard=args.shard, device=args.device,
+                               progress=not args.no_progress)
     print(f"campaign {c.config['name']}: computed {summary['computed']} units, skipped {summary['skipped']} "
           f"(stored), {summary['rows']} rows in {out / 'results.sqlite'}")
     if "report" in summary:
         print(f"report: {summary['report']['markdown']}, {summary['report']['html']}")
+    return _parquet(out, args.parquet)
+
+
+def _parquet(out: Path, wanted: bool) -> int:
+    """``--parquet``: every stored row to OUT/results.parquet."""
+    if wanted:
+        from splitbits.attacks.campaign import export_parquet
+
+        with needs_extra("cluster"):
+            print(f"wrote {export_parquet(out)}")
     return 0
 
 
@@ -381,7 +431,7 @@ COMMANDS = {
     ),
     "attack": Command("attack/corrupt one point and measure real packet bytes, accuracy and latency",
                       _attack_args, _attack_run, description=ATTACK_DESCRIPTION),
-    "campaign": Command("run a resumable, shardable attack/corruption/defence grid from a YAML config",
+    "campaign": Command("run a resumable attack/corruption/defence grid from a YAML config (--shard I/N, --ray)",
                         _campaign_args, _campaign_run, description=CAMPAIGN_DESCRIPTION),
     "bench.attack": Command("batched vs per-image attack throughput (images/s)",
                             _bench_attack_args, _bench_attack_run, description=BENCH_ATTACK_DESCRIPTION),

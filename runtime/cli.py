@@ -38,8 +38,12 @@ from splitbits.runtime.errors import SplitbitsError
 
 #: entry-point group of the subcommands (see pyproject.toml)
 ENTRY_POINT_GROUP = "splitbits.commands"
+#: entry-point group of the implementations a higher layer gives a lower layer's option (``serve
+#: --ray`` is ``splitbits.cluster``'s): ``name -> module:function`` (see :func:`extension`)
+EXTENSION_GROUP = "splitbits.extensions"
 #: --help lists the packages' commands in this order (then any other package's)
-PACKAGE_ORDER = ("splitbits.trainer", "splitbits.export", "splitbits.runtime", "splitbits.attacks", "splitbits.jetson")
+PACKAGE_ORDER = ("splitbits.trainer", "splitbits.export", "splitbits.runtime", "splitbits.attacks", "splitbits.jetson",
+                 "splitbits.cluster")
 #: command groups: name -> (help, default target for a first word that is not a target, whether the
 #: group alone (or followed by options) also means its default target)
 GROUPS = {
@@ -77,6 +81,19 @@ def needs_extra(extra: str) -> Iterator[None]:
     except ImportError as exc:
         raise CliError(f"this command needs the '{extra}' extra ({exc.name or exc} is not installed): "
                        f"pip install 'splitbits[{extra}]'") from exc
+
+
+def extension(name: str, extra: str) -> Callable[..., Any]:
+    """The function registered as ``name`` in the ``splitbits.extensions`` entry points, loaded now
+    (so a command of a lower layer runs a higher layer's code without naming it); a missing
+    dependency is a :class:`CliError` naming ``extra``."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=EXTENSION_GROUP) if ep.name == name]
+    if not found:
+        raise CliError(f"{name} is not part of this installation (reinstall splitbits with the '{extra}' extra)")
+    with needs_extra(extra):
+        return found[0].load()
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 ``splitbits serve`` server over TCP or TLS (optionally paced by an emulated 1/10/100 Mbit/s link)
 and collects the answers with per-stage timings.
 
-``LinkClient`` is one connection: requests are pipelined (up to ``concurrency`` in flight) and
-matched to answers by request id; an answer for an unknown or already answered id is counted in
-``unexpected`` (the load test asserts it stays 0). Its socket counts every byte the kernel takes
-from it and hands to it (``LinkStats``: TCP payload, so TLS records and handshakes included, TCP/IP
-headers not): what TLS adds per packet is measured, never modelled. A connection the server
-refuses or closes (an ERROR with request id 0, a TLS alert, an end of stream) records why in
-``connection_error``.
+``LinkClient`` is one TCP/TLS connection to ``splitbits serve``; ``HttpLinkClient`` one HTTP/1.1
+keep-alive connection to ``splitbits serve --ray`` (Ray Serve; the packet is the body of a POST,
+the answer the same JSON as the TCP server's). ``LinkClient``'s requests are pipelined (up to
+``concurrency`` in flight) and matched to answers by request id; an answer for an unknown or
+already answered id is counted in ``unexpected`` (the load tests assert it stays 0). Their
+sockets count every byte the kernel takes from them and hands to them (``LinkStats``: TCP payload,
+so TLS records, handshakes and HTTP headers included, TCP/IP headers not): what the transport adds
+per packet is measured, never modelled. A connection the server refuses or closes (an ERROR with
+request id 0, a TLS alert, an end of stream) records why in ``connection_error``.
 """
 
 from __future__ import annotations
@@ -313,6 +315,131 @@ class LinkClient:
 
 
 # --------------------------------------------------------------------------------------------
+# HTTP: `splitbits serve --ray` (Ray Serve)
+# --------------------------------------------------------------------------------------------
+
+#: request headers of the HTTP link: the request id (echoed in the answer) and "send the logits"
+HTTP_REQUEST_ID = "x-splitbits-request-id"
+HTTP_LOGITS = "x-splitbits-logits"
+#: longest header block of an answer
+MAX_HTTP_HEADER_BYTES = 16 << 10
+
+
+def parse_http_url(text: str) -> tuple[str, int, str]:
+    """(host, port, path) of ``http://HOST:PORT[/PATH]`` (port 80 by default, path / by default)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(text)
+        port = u.port or 80
+    except ValueError as exc:
+        raise ValueError(f"bad server URL {text!r}: {exc}") from None
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"bad server URL {text!r}: expected http://HOST:PORT[/PATH] (https is not supported)")
+    if u.query or u.fragment:
+        raise ValueError(f"bad server URL {text!r}: no query or fragment")
+    return u.hostname, port, u.path or "/"
+
+
+class HttpLinkClient(LinkClient):
+    """One HTTP/1.1 keep-alive connection to a Ray Serve deployment (``splitbits serve --ray``): a
+    POST per packet, one at a time (HTTP/1.1 answers in order, so concurrency is more connections).
+    The body is paced like ``LinkClient``'s frames; an answer carries the request id it answers
+    (one that does not match is counted in ``unexpected``); a 4xx/5xx answer is the server's
+    ``{"error", "message"}``, as an ERROR frame of the TCP server."""
+
+    def __init__(self, host: str, port: int, path: str = "/", **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        self.path = path
+        self.stats.transport = "http"
+
+    async def connect(self) -> HttpLinkClient:
+        where = f"{self.host}:{self.port}"
+        t0 = time.perf_counter()
+        try:
+            sock = await asyncio.wait_for(_open_counting_socket(self.host, self.port), self.timeout_s)
+            self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=MAX_HTTP_HEADER_BYTES)
+        except (OSError, asyncio.TimeoutError) as exc:
+            why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+            raise LinkError(f"cannot connect to {where}: {why}") from exc
+        self._sock = sock
+        self.stats.connect_ms = (time.perf_counter() - t0) * 1e3
+        self._send_lock = asyncio.Lock()
+        return self
+
+    async def request(self, packet: bytes, want_logits: bool = False) -> Reply:
+        if self._writer is None or self._send_lock is None:
+            raise LinkError("not connected")
+        if self.connection_error:
+            raise LinkError(self.connection_error)
+        async with self._send_lock:
+            rid = (next(self._ids) - 1) % 0xFFFFFFFF + 1
+            head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                    f"Content-Type: application/octet-stream\r\nContent-Length: {len(packet)}\r\n"
+                    f"{HTTP_REQUEST_ID}: {rid}\r\n" + (f"{HTTP_LOGITS}: 1\r\n" if want_logits else "") + "\r\n")
+            data = head.encode("ascii") + packet
+            t0 = time.perf_counter()
+            try:
+                send_s = await link.paced_write(self._writer, data, self.bucket)
+                status, headers, body = await asyncio.wait_for(self._read_answer(), self.timeout_s)
+            except asyncio.TimeoutError as exc:
+                self.connection_error = f"no answer to request {rid} within {self.timeout_s:g} s"
+                raise LinkError(self.connection_error) from exc
+            except (ConnectionError, OSError, LinkError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError) as exc:
+                self.connection_error = _one_line(f"connection lost: {exc or type(exc).__name__}")
+                raise LinkError(self.connection_error) from exc
+            rtt_ms = (time.perf_counter() - t0) * 1e3
+        self.stats.frames_sent += 1
+        self.stats.frame_bytes_sent += len(data)
+        self.stats.frames_received += 1
+        self.stats.frame_bytes_received += len(body)
+        if headers.get(HTTP_REQUEST_ID) != str(rid):
+            self.unexpected += 1
+        try:
+            obj = json.loads(body.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except (UnicodeDecodeError, ValueError):
+            obj = {"error": "BadReply", "message": f"HTTP {status}: server answer is not a JSON object"}
+        return Reply(rid, status == 200 and "error" not in obj, obj, send_s * 1e3, rtt_ms)
+
+    async def _read_answer(self) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of one HTTP/1.1 answer (Content-Length or chunked)."""
+        assert self._reader is not None
+        lines = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise LinkError(f"not an HTTP answer: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._read_chunked()
+        else:
+            n = int(headers.get("content-length", "0"))
+            if not 0 <= n <= link.MAX_RESPONSE_BYTES:
+                raise LinkError(f"answer of {n} bytes is over the bound ({link.MAX_RESPONSE_BYTES})")
+            body = await self._reader.readexactly(n)
+        if headers.get("connection", "").lower() == "close":
+            self.connection_error = "server closed the connection"
+        return int(parts[1]), headers, body
+
+    async def _read_chunked(self) -> bytes:
+        assert self._reader is not None
+        out = bytearray()
+        while True:
+            size = int((await self._reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+            if len(out) + size > link.MAX_RESPONSE_BYTES:
+                raise LinkError(f"answer over the bound ({link.MAX_RESPONSE_BYTES} bytes)")
+            out += (await self._reader.readexactly(size + 2))[:size]  # the chunk and its CRLF
+            if size == 0:  # the last chunk (no trailers)
+                return bytes(out)
+
+
+# --------------------------------------------------------------------------------------------
 # the edge client over a dataset
 # --------------------------------------------------------------------------------------------
 
@@ -347,12 +474,15 @@ class SendOutcome:
 async def send_images(encoder, host: str, port: int, images: np.ndarray, labels: Sequence[int], *,
                       mbps: float | None = None, concurrency: int = 1, connections: int = 1,
                       progress: Callable[[int], None] | None = None, tls: ssl.SSLContext | None = None,
-                      server_hostname: str | None = None, timeout_s: float = 60.0) -> SendOutcome:
+                      server_hostname: str | None = None, timeout_s: float = 60.0,
+                      http_path: str | None = None) -> SendOutcome:
     """Encode each image on this machine, send it, await its answer.
 
     ``connections`` clients each keep up to ``concurrency`` requests in flight; encoding runs in
     one worker thread (as on an edge device) so answers are read while the next image encodes. A
-    connection the server refused or closed stops taking images (its reason is kept).
+    connection the server refused or closed stops taking images (its reason is kept). With
+    ``http_path`` the server is Ray Serve (``serve --ray``): POSTs to that path, each request in
+    flight on its own keep-alive connection (``connections`` × ``concurrency`` of them).
     """
     if concurrency < 1 or connections < 1:
         raise ValueError("concurrency and connections must be at least 1")
@@ -382,12 +512,20 @@ async def send_images(encoder, host: str, port: int, images: np.ndarray, labels:
             if progress is not None:
                 progress(1)
 
-    clients = [LinkClient(host, port, mbps=mbps, tls=tls, server_hostname=server_hostname, timeout_s=timeout_s)
-               for _ in range(connections)]
+    if http_path is not None:
+        if tls is not None:
+            raise ValueError("TLS is for the TCP server; the HTTP link is plain")
+        clients: list[LinkClient] = [HttpLinkClient(host, port, http_path, mbps=mbps, timeout_s=timeout_s)
+                                     for _ in range(connections * concurrency)]
+        per_client = 1
+    else:
+        clients = [LinkClient(host, port, mbps=mbps, tls=tls, server_hostname=server_hostname, timeout_s=timeout_s)
+                   for _ in range(connections)]
+        per_client = concurrency
     try:
         for c in clients:
             await c.connect()
-        await asyncio.gather(*(worker(c) for c in clients for _ in range(concurrency)))
+        await asyncio.gather(*(worker(c) for c in clients for _ in range(per_client)))
     finally:
         for c in clients:
             await c.close()

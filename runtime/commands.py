@@ -101,6 +101,19 @@ least, 1.3 preferred); add --tls-client-ca to serve only devices whose certifica
   splitbits serve runs/demo/bundle --host 0.0.0.0 --port 5800 --max-batch 16 --max-wait-ms 2
   splitbits serve runs/demo/bundle --host 0.0.0.0 --tls-cert server.pem --tls-key server.key \\
       --tls-client-ca devices-ca.pem
+
+--ray serves the same decode + hyper + tail as a Ray Serve deployment (pip install
+'splitbits[cluster]'): --replicas processes, each batching requests with @serve.batch (--max-batch,
+--max-wait-ms), behind Ray Serve's HTTP proxy at http://HOST:PORT/ (a POST per packet; `splitbits
+send --server http://HOST:PORT` speaks it). A bad packet gets the same JSON error (HTTP 400) and
+never takes a replica down; a replica takes at most 64 requests at once. The TCP server's bounds
+(--queue-size, --max-inflight, --max-connections, --decode-threads, the deadlines) do not apply.
+Ray runs in this process, or joins the cluster at --ray-address. It is for many devices and more
+than one machine; the asyncio TCP server above stays the light default for one machine and for
+the Jetson-side loopback (no TLS and no connection deadlines on --ray: put it behind the
+cluster's own ingress).
+
+  splitbits serve runs/demo/bundle --ray --replicas 4 --host 0.0.0.0 --port 8000
 """
 
 SEND_DESCRIPTION = """\
@@ -111,6 +124,10 @@ The edge client: encode images here (head + entropy coder), send the packets to 
 for the measured packet sizes (so an attack's extra bytes read directly as extra time), and
 under "wire" the bytes measured at the TCP socket per request (TLS records included) with the
 TLS version, cipher and handshake time.
+
+--server http://HOST:PORT sends to `splitbits serve --ray` (Ray Serve) instead: one HTTP POST per
+packet, each request in flight on its own keep-alive connection, the same pacing and JSON (the
+wire bytes then include the HTTP headers).
 
 --tls-ca makes the link TLS (the server's certificate must be signed by that CA and name the
 host, or --tls-server-name); --tls-cert/--tls-key present this device's certificate to a server
@@ -144,6 +161,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "and writing an answer)")
     g.add_argument("--idle-timeout-s", type=positive_float, default=60.0,
                    help="close a connection with no frame started and nothing in flight for this long")
+    r = p.add_argument_group("Ray Serve (the cluster extra)")
+    r.add_argument("--ray", action="store_true", help="serve over HTTP as a Ray Serve deployment with replicas")
+    r.add_argument("--replicas", type=positive_int, default=2, help="--ray: replicas of the deployment")
+    r.add_argument("--replica-cpus", type=positive_float, default=1.0, help="--ray: CPUs each replica takes")
+    r.add_argument("--replica-gpus", type=nonneg_float, default=0.0, help="--ray: GPUs each replica takes")
+    r.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="--ray: join this Ray cluster (auto, HOST:6379) instead of starting Ray in this process")
     t = p.add_argument_group("TLS (default: plain TCP, anyone who reaches the port is served)")
     t.add_argument("--tls-cert", type=existing_file, metavar="CERT.pem",
                    help="server certificate chain (PEM): serve TLS")
@@ -153,8 +177,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve only clients with a certificate signed by this CA (mutual TLS)")
 
 
+def _ray_serve(args: argparse.Namespace) -> int:
+    """``serve --ray``: the deployment of ``splitbits.cluster.serve`` (found by entry point)."""
+    from splitbits.runtime.cli import extension
+    from splitbits.runtime.errors import VerificationError
+    from splitbits.runtime.report import write_json
+
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        raise CliError("--ray serves plain HTTP; TLS is the TCP server's (or the cluster ingress's)")
+    serve_ray = extension("serve.ray", "cluster")
+    try:
+        out = serve_ray(args.bundle, args.backend, backend_options(args), host=args.host, port=args.port,
+                        replicas=args.replicas, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                        replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, address=args.ray_address,
+                        ready=lambda url: print(f"listening on {url} (Ray Serve, {args.replicas} replicas)",
+                                                flush=True))
+    except VerificationError as exc:
+        print(f"splitbits serve: REFUSED (not serving) — {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(json.dumps(out, indent=2), flush=True)
+    if args.stats_json:
+        write_json(args.stats_json, out)
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
+
+    if args.ray:
+        return _ray_serve(args)
 
     from splitbits.runtime.errors import VerificationError
     from splitbits.runtime.link import server_tls_context
@@ -198,7 +249,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory (the same model as the server's)")
-    p.add_argument("--server", required=True, help="HOST:PORT of a `splitbits serve`")
+    p.add_argument("--server", required=True,
+                   help="HOST:PORT of a `splitbits serve`, or http://HOST:PORT of a `splitbits serve --ray`")
     add_backend_arguments(p)
     p.add_argument("--coder", type=coder_name, default=None, help="entropy coder (default: the runtime's default)")
     add_input_arguments(p.add_argument_group("inputs"))
@@ -222,18 +274,24 @@ def add_send_arguments(p: argparse.ArgumentParser) -> None:
 def run_send(args: argparse.Namespace) -> int:
     import asyncio
 
-    from splitbits.runtime.client import LinkError, print_send, send_images, send_result, unanswered
+    from splitbits.runtime.client import LinkError, parse_http_url, print_send, send_images, send_result, unanswered
     from splitbits.runtime.inputs import inputs_from_args
     from splitbits.runtime.link import client_tls_context, parse_hostport
     from splitbits.runtime.pipeline import EdgeEncoder
     from splitbits.runtime.progress import progress_bar
     from splitbits.runtime.report import write_json
 
+    http_path = None
     try:
-        host, port = parse_hostport(args.server)
+        if args.server.startswith(("http://", "https://")):
+            host, port, http_path = parse_http_url(args.server)
+        else:
+            host, port = parse_hostport(args.server)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     tls = None
+    if http_path is not None and (args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        raise CliError("--tls-* are for the TCP server; http:// is the plain HTTP of `serve --ray`")
     if args.tls_ca:
         tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
     elif args.tls_cert or args.tls_key or args.tls_server_name:
@@ -245,8 +303,10 @@ def run_send(args: argparse.Namespace) -> int:
     with progress_bar(len(inputs), "send", disabled=args.no_progress) as bar:
         outcome = asyncio.run(send_images(
             enc, host, port, inputs.images, inputs.labels, mbps=args.link_mbps, concurrency=args.concurrency,
-            connections=args.connections, progress=bar.advance, tls=tls, server_hostname=args.tls_server_name))
-    result = send_result(enc, inputs, outcome, f"{host}:{port}", mbps=args.link_mbps, concurrency=args.concurrency,
+            connections=args.connections, progress=bar.advance, tls=tls, server_hostname=args.tls_server_name,
+            http_path=http_path))
+    server = args.server if http_path is not None else f"{host}:{port}"
+    result = send_result(enc, inputs, outcome, server, mbps=args.link_mbps, concurrency=args.concurrency,
                          connections=args.connections)
     if result["answered_ok"] == 0 and outcome.connection_errors:
         # nothing answered because the server refused or dropped us: say why, in one line
@@ -271,7 +331,8 @@ COMMANDS = {
                       add_warmup_arguments, run_warmup),
     "verify": Command("check a backend against a bundle's golden/ reference (hashes, tensors, exact symbols)",
                       add_verify_arguments, run_verify),
-    "serve": Command("server half of the split: TCP server, decode + tail with dynamic batching",
+    "serve": Command("server half of the split: TCP server (or --ray: Ray Serve replicas), decode + tail with "
+                     "dynamic batching",
                      add_serve_arguments, run_serve, description=SERVE_DESCRIPTION),
     "send": Command("edge client: encode images, send packets to a server (optional link-rate emulation)",
                     add_send_arguments, run_send, description=SEND_DESCRIPTION),

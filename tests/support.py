@@ -69,3 +69,27 @@ def runtime_only_env(root: Path, env: dict[str, str]) -> dict[str, str]:
     (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=TRAIN_ONLY_MODULES))
     pp = env.get("PYTHONPATH")
     return {**env, "PYTHONPATH": str(d) + (":" + pp if pp else ""), "PYTHONUNBUFFERED": "1"}
+
+
+def tamper_tail(src: Path, dst: Path) -> Path:
+    """A copy of a bundle whose tail's fc bias is shifted (manifest re-hashed: a consistent but wrong
+    bundle that only golden verification can catch)."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from splitbits.export.bundle import _write_manifest
+
+    shutil.copytree(src, dst)
+    m = onnx.load(str(dst / "tail.onnx"))
+    for init in m.graph.initializer:
+        if init.name.endswith("fc.bias"):
+            arr = numpy_helper.to_array(init).copy()
+            arr[0] += 5.0
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(dst / "tail.onnx"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    _write_manifest(dst, manifest)
+    return dst

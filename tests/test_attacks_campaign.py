@@ -164,24 +164,28 @@ def test_resume_after_interruption(student, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_shards_cover_the_grid_once(student, tmp_path, monkeypatch) -> None:
+def test_shards_cover_the_grid_once(student, tmp_path) -> None:
     c = parse_campaign(_config(student, threats=[{"name": "noise", "eps": [4, 8]}], corruptions=None))
     out = tmp_path / "sharded"
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    s1 = run_campaign(c, out, progress=False)
+    s1 = run_campaign(c, out, progress=False, shard="1/2")
     assert "report" not in s1  # shard 0 has not finished yet
-    monkeypatch.setenv("RANK", "0")
-    s0 = run_campaign(c, out, progress=False)
+    s0 = run_campaign(c, out, progress=False, shard="0/2")
     total = len(plan_units(c))
     assert s0["computed"] + s1["computed"] == total and s0["computed"] > 0 and s1["computed"] > 0
     assert "report" in s0  # the last shard to finish writes the report
     rows = _rows(out / "results.sqlite")
     assert len(rows) == total * len(c.defences) == len({r[0] for r in rows})
     with pytest.raises(CampaignError, match="0 <= I < N"):
-        camp.shard_from_env("2/2")
+        camp.parse_shard("2/2")
     with pytest.raises(CampaignError, match="I/N"):
-        camp.shard_from_env("two")
+        camp.parse_shard("two")
+    # a store that a shard on another host wrote is refused to shards (SQLite's WAL needs one host)
+    con = sqlite3.connect(out / "results.sqlite")
+    con.execute("UPDATE shards SET host='node-b' WHERE rank=1")
+    con.commit()
+    con.close()
+    with pytest.raises(CampaignError, match=r"ran on node-b.*one host.*--ray"):
+        run_campaign(c, out, progress=False, shard="0/2")
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
+from support import tamper_tail
 
 from splitbits.jetson import bench
 from splitbits.jetson.commands import add_bench_bundle_arguments, run_bench_bundle
@@ -183,26 +181,8 @@ def test_bench_fp_family_has_no_hyper_stage(tiny_bundles, inputs_npz, tmp_path):
     assert r["images"] == 3 and r["power"]["reason"] == "--power off"
 
 
-def _tamper_tail(src, dst):
-    """A copy of a bundle whose tail's fc bias is shifted (manifest re-hashed: a consistent but wrong
-    bundle that only golden verification can catch)."""
-    from splitbits.export.bundle import _write_manifest
-
-    shutil.copytree(src, dst)
-    m = onnx.load(str(dst / "tail.onnx"))
-    for init in m.graph.initializer:
-        if init.name.endswith("fc.bias"):
-            arr = numpy_helper.to_array(init).copy()
-            arr[0] += 5.0
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    onnx.save(m, str(dst / "tail.onnx"))
-    manifest = json.loads((dst / "manifest.json").read_text())
-    _write_manifest(dst, manifest)
-    return dst
-
-
 def test_bench_refuses_a_bundle_that_fails_golden_verification(tiny_bundles, inputs_npz, tmp_path, capsys):
-    bad = _tamper_tail(tiny_bundles["fp"], tmp_path / "bad")
+    bad = tamper_tail(tiny_bundles["fp"], tmp_path / "bad")
     out = tmp_path / "refused.json"
     rc = _bench([str(bad), "--backend", "onnxruntime", "--inputs", str(inputs_npz), "--json", str(out),
                  "--no-progress"])

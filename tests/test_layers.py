@@ -14,7 +14,7 @@ import pytest
 from splitbits.runtime import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("runtime", "trainer", "export", "attacks", "jetson")
+PACKAGES = ("runtime", "trainer", "export", "attacks", "jetson", "cluster")
 
 
 def test_import_contracts_hold():
