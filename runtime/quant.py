@@ -10,23 +10,60 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from numba import njit
 
 from splitbits.runtime.errors import InputError
 
 _I32 = np.iinfo(np.int32)
+_NAN, _RANGE = 1, 2  # _quantize_chw's refusals
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_chw(values: np.ndarray, means: np.ndarray, per_channel: bool, out: np.ndarray
+                  ) -> int:  # pragma: no cover - compiled
+    """One pass over a C-contiguous float32 [C, H, W] latent: ``out = rint(values − means)`` with the
+    difference rounded to float32 first (float64 holds it, so one rounding to float32 is float32's own
+    subtraction); ``means`` [C] (``per_channel``) or [C, H, W]. Returns 0, or why it refused."""
+    c, h, w = values.shape
+    for i in range(c):
+        for j in range(h):
+            for k in range(w):
+                m = means[i, 0, 0] if per_channel else means[i, j, k]
+                d = np.float32(np.float64(values[i, j, k]) - np.float64(m))
+                if not np.isfinite(d):
+                    return _NAN
+                r = np.rint(np.float64(d))
+                if r < -2147483648.0 or r > 2147483647.0:
+                    return _RANGE
+                out[i, j, k] = np.int32(r)
+    return 0
 
 
 def quantize(values: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """``round(values − means)`` as int32; ``means`` broadcasts (per-channel medians or a full map).
+    """``round(values − means)`` as int32 (float32 arithmetic, half to even, as CompressAI); ``means``
+    broadcasts (per-channel medians or a full map).
 
-    A value whose symbol would not fit int32 is an ``InputError`` (never clipped).
+    A value whose symbol would not fit int32 is an ``InputError`` (never clipped). One compiled pass
+    for the edge's case (one float32 [C, H, W] latent); numpy for the rest.
     """
-    r = np.rint(np.asarray(values, dtype=np.float32) - np.asarray(means, dtype=np.float32))
-    if not np.isfinite(r).all():
+    v, m = np.asarray(values), np.asarray(means)
+    if (v.ndim == 3 and v.dtype == np.float32 and v.flags.c_contiguous and m.dtype == np.float32
+            and m.flags.c_contiguous and m.shape in ((v.shape[0], 1, 1), v.shape)):
+        out = np.empty(v.shape, np.int32)
+        why = _quantize_chw(v, m, m.shape != v.shape, out)
+    else:
+        r = np.rint(v.astype(np.float32, copy=False) - m.astype(np.float32, copy=False))
+        if not np.isfinite(r).all():
+            why = _NAN
+        elif r.size and (r.min() < _I32.min or r.max() > _I32.max):
+            why = _RANGE
+        else:
+            why, out = 0, r.astype(np.int32)
+    if why == _NAN:
         raise InputError("latent holds NaN/Inf; refusing to quantise")
-    if r.size and (r.min() < _I32.min or r.max() > _I32.max):
+    if why == _RANGE:
         raise InputError("latent symbol outside int32; refusing to quantise")
-    return r.astype(np.int32)
+    return out
 
 
 def dequantize(symbols: np.ndarray, means: np.ndarray) -> np.ndarray:
