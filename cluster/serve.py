@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse
 from splitbits.cluster.connect import ClusterError, connect
 from splitbits.runtime.client import HTTP_LOGITS, HTTP_REQUEST_ID
 from splitbits.runtime.errors import SplitbitsError
-from splitbits.runtime.pipeline import ServerDecoder, Timer
+from splitbits.runtime.pipeline import ServerDecoder
 from splitbits.runtime.server import verify_server_backend
 
 log = logging.getLogger(__name__)
@@ -61,20 +61,12 @@ class SplitReplica:
         self.tail.set_max_batch_size(max_batch)
         self.tail.set_batch_wait_timeout_s(max_wait_ms / 1e3)
 
-    def _decode(self, payload: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        t = Timer()
-        y_hat, _, _ = self.decoder.decode_latent(payload, t)
-        return y_hat, t.ms
-
-    def _run_tail(self, y_hat: np.ndarray) -> np.ndarray:
-        return self.decoder.tail.run({"y_hat": y_hat})["logits"]
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def tail(self, items: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, dict[str, float]]]:
         """Latents of concurrent requests → one tail run; each gets its logits row and timings."""
         t0 = time.perf_counter()
         logits = await asyncio.get_running_loop().run_in_executor(
-            self._tail_pool, self._run_tail, np.stack([y for y, _ in items]))
+            self._tail_pool, self.decoder.tail_logits, np.stack([y for y, _ in items]))
         tail_ms = (time.perf_counter() - t0) * 1e3
         return [(logits[i], {"queue": (t0 - t_in) * 1e3, "tail": tail_ms, "batch": float(len(items))})
                 for i, (_, t_in) in enumerate(items)]
@@ -100,7 +92,7 @@ class SplitReplica:
             return 413, {"error": "FrameError", "message": f"body over the packet bound ({self.max_body} bytes)"}
         loop = asyncio.get_running_loop()
         try:
-            y_hat, dec_ms = await loop.run_in_executor(self._decode_pool, self._decode, payload)
+            y_hat, dec_ms = await loop.run_in_executor(self._decode_pool, self.decoder.decode_timed, payload)
         except SplitbitsError as exc:
             return 400, {"error": type(exc).__name__, "message": str(exc)}
         logits, tail_info = await self.tail((y_hat, time.perf_counter()))

@@ -313,6 +313,16 @@ class ServerDecoder:
         """Packet → logits [num_classes]."""
         return self.decode_full(packet).logits
 
+    def decode_timed(self, packet: bytes | memoryview) -> tuple[np.ndarray, dict[str, float]]:
+        """Packet → (ŷ [C,H,W], ms per stage): a server's decode step, before its batched tail."""
+        t = Timer()
+        y_hat, _, _ = self.decode_latent(packet, t)
+        return y_hat, t.ms
+
+    def tail_logits(self, y_hat: np.ndarray) -> np.ndarray:
+        """ŷ [N,C,H,W] → logits [N, num_classes] (the tail on this decoder's backend)."""
+        return self.tail.run({"y_hat": y_hat})["logits"]
+
     def decode_latent(self, packet: bytes | memoryview, timer: Timer | None = None
                       ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
         """Packet (either format version) → (ŷ [C,H,W], symbols, idx) without running the tail."""

@@ -40,7 +40,7 @@ import numpy as np
 
 from splitbits.runtime import link
 from splitbits.runtime.errors import SplitbitsError, VerificationError
-from splitbits.runtime.pipeline import ServerDecoder, Timer
+from splitbits.runtime.pipeline import ServerDecoder
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class SplitServer:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
-        self._batcher = TailBatcher(self._run_tail, self.config, self.stats, self._tail_pool)
+        self._batcher = TailBatcher(self.decoder.tail_logits, self.config, self.stats, self._tail_pool)
         self._batcher.start()
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
                                                   limit=1 << 16)
@@ -292,15 +292,6 @@ class SplitServer:
         """Bytes received but not yet consumed, per open connection (diagnostics: reads the
         StreamReader's buffer)."""
         return [len(getattr(c.reader, "_buffer", b"")) for c in self._conns.values()]
-
-    # -- work done in threads -------------------------------------------------------------------
-    def _decode(self, payload: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        t = Timer()
-        y_hat, _, _ = self.decoder.decode_latent(payload, t)
-        return y_hat, t.ms
-
-    def _run_tail(self, y_hat: np.ndarray) -> np.ndarray:
-        return self.decoder.tail.run({"y_hat": y_hat})["logits"]
 
     # -- per connection -------------------------------------------------------------------------
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -501,7 +492,7 @@ class SplitServer:
         loop = asyncio.get_running_loop()
         try:
             assert self._batcher is not None
-            y_hat, dec_ms = await loop.run_in_executor(self._decode_pool, self._decode, frame.body)
+            y_hat, dec_ms = await loop.run_in_executor(self._decode_pool, self.decoder.decode_timed, frame.body)
             logits, tail_info = await self._batcher.submit(y_hat)
             cls = int(np.argmax(logits))
             timings = {"decode": dec_ms.get("parse", 0.0) + dec_ms.get("decode", 0.0),
