@@ -93,4 +93,4 @@ def index_checksum(idx: np.ndarray) -> int:
     """CRC32 of the scale indexes (uint8 when they fit), carried in the packet header."""
     idx = np.ascontiguousarray(idx)
     data = idx.astype(np.uint8) if idx.size and idx.max() < 256 and idx.min() >= 0 else idx.astype("<i4")
-    return zlib.crc32(data.tobytes()) & 0xFFFFFFFF
+    return zlib.crc32(data) & 0xFFFFFFFF  # the array's buffer, no copy
