@@ -35,13 +35,27 @@ def sequential_eot_pgd(model: Any, x: Tensor, cfg: AttackConfig, generator: torc
     return x_adv.detach()
 
 
-def _model(checkpoint: str | None, dev: torch.device) -> tuple[Any, str]:
-    """The student of ``checkpoint`` (else an untrained tiny MSHP model), frozen, on ``dev``; and its name."""
+def _model(checkpoint: str | None, dev: torch.device, spec: Any = None) -> tuple[Any, str]:
+    """The student of ``checkpoint`` — a checkpoint file (``spec`` for an sc2bench one) or a bundle
+    directory (its checkpoint and spec) — else an untrained tiny MSHP model; frozen, on ``dev``; and
+    its name."""
     if checkpoint:
-        from splitbits.trainer.checkpoint import load_model
+        from pathlib import Path
 
-        model, _ = load_model(checkpoint)
-        source = checkpoint
+        from splitbits.attacks.runner import TargetError, bundle_checkpoint
+        from splitbits.trainer.checkpoint import load_model
+        from splitbits.trainer.models import SplitClassifier
+
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            path, bundle_spec = bundle_checkpoint(path)
+            spec = spec if spec is not None else bundle_spec
+        model, _ = load_model(path, spec)
+        if not isinstance(model, SplitClassifier):
+            raise TargetError(f"{path} is a plain classifier (teacher); the attack needs a split student")
+        if model.bottleneck_layer.entropy_bottleneck.quantized_cdf.numel() == 0:
+            model.update_entropy_tables(force=True)
+        source = str(checkpoint)
     else:
         from splitbits.trainer.models import ModelSpec, build_model
 
@@ -55,10 +69,12 @@ def _model(checkpoint: str | None, dev: torch.device) -> tuple[Any, str]:
 
 
 def run_bench(checkpoint: str | None, dev: torch.device, *, images: int = 64, loop_images: int = 8, batch: int = 32,
-              steps: int = 20, eot: int = 16, eps: float = 8.0, sequential: bool = True) -> dict[str, Any]:
+              steps: int = 20, eot: int = 16, eps: float = 8.0, sequential: bool = True,
+              spec: Any = None) -> dict[str, Any]:
     """Images/s of ``batched`` (``images`` in batches of ``batch``), ``per_image`` and (``sequential``)
-    ``per_image_sequential_eot`` (``loop_images`` each) on the same random images; ``eps`` in 1/255."""
-    model, source = _model(checkpoint, dev)
+    ``per_image_sequential_eot`` (``loop_images`` each) on the same random images; ``eps`` in 1/255.
+    ``checkpoint``: a checkpoint or a bundle (see :func:`_model`); ``spec`` for an sc2bench checkpoint."""
+    model, source = _model(checkpoint, dev, spec)
     size = model.spec.input_size
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.rand(max(images, loop_images), 3, size, size, generator=gen, device=dev)

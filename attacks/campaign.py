@@ -60,6 +60,7 @@ from splitbits.runtime.datasets import load_arrays
 from splitbits.runtime.errors import SplitbitsError
 from splitbits.runtime.progress import Bars
 from splitbits.runtime.report import write_json
+from splitbits.trainer.spec_cli import SPEC_KEYS, build_spec, spec_options
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "name": ((str,), "campaign", "campaign name (report title)"),
     "description": ((str,), "", "free text"),
     "out": ((str,), None, "output folder (default runs/campaigns/NAME); --out overrides"),
-    "models": ((list,), None, "checkpoints or bundles (a bundle names its checkpoint), or {checkpoint, bundle}"),
+    "models": ((list,), None, "checkpoints or bundles (a bundle names its checkpoint), or {checkpoint, bundle, "
+                              "name, arch, family, num_classes, input_size} (the last four: sc2bench checkpoints)"),
     "dataset": ((str,), "builtin", "dataset spec: builtin, imagefolder:PATH, imagenet-c:PATH?..."),
     "split": ((str,), "val", "dataset split"),
     "image_size": ((int,), None, "image side; null: the model's input size"),
@@ -210,9 +212,13 @@ def _model_entry(i: int, raw: Any, base: Path) -> dict[str, Any]:
         raw = {"checkpoint": raw}
     if not isinstance(raw, Mapping):
         raise CampaignError(f"models[{i}] must be a path or {{checkpoint, bundle}}, got {raw!r}")
-    _unknown(f"models[{i}].", raw, ("checkpoint", "bundle", "name"))
+    _unknown(f"models[{i}].", raw, ("checkpoint", "bundle", "name", *SPEC_KEYS))
     if "checkpoint" not in raw:
         raise CampaignError(f"models[{i}] needs a checkpoint (or a bundle path)")
+    try:  # an sc2bench checkpoint carries no spec: arch/family/num_classes/input_size (a bundle has one)
+        spec = spec_options(*(raw.get(k) for k in SPEC_KEYS))
+    except ValueError as exc:
+        raise CampaignError(f"models[{i}]: {exc}") from None
 
     def resolve(p: str) -> Path:
         q = Path(p).expanduser()
@@ -224,7 +230,7 @@ def _model_entry(i: int, raw: Any, base: Path) -> dict[str, Any]:
     bd = resolve(str(raw["bundle"])) if raw.get("bundle") else None
     if bd is not None and not bd.is_dir():
         raise CampaignError(f"models[{i}]: bundle {raw['bundle']} not found")
-    return {"path": str(ck), "bundle": str(bd) if bd else None, "name": raw.get("name")}
+    return {"path": str(ck), "bundle": str(bd) if bd else None, "name": raw.get("name"), "spec": spec}
 
 
 def parse_campaign(raw: Mapping[str, Any], base: Path | None = None) -> Campaign:
@@ -427,14 +433,19 @@ def _unit_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def _model_id(path: str) -> str:
+def _model_id(path: str, spec: dict[str, Any] | None = None) -> str:
+    """The stored rows' model key: sha256 of the checkpoint (or of a bundle's manifest), and of the
+    spec an sc2bench checkpoint is rebuilt with."""
     p = Path(path)
-    return sha256_file(p if p.is_file() else p / "manifest.json")[:12]
+    digest = sha256_file(p if p.is_file() else p / "manifest.json")
+    if spec:
+        digest = hashlib.sha256((digest + json.dumps(spec, sort_keys=True)).encode()).hexdigest()
+    return digest[:12]
 
 
 def current_points(c: Campaign, model_ids: list[str] | None = None) -> set[str]:
     """``model_id|point key`` of every grid point of this config (what its report covers)."""
-    mids = model_ids if model_ids is not None else [_model_id(m["path"]) for m in c.models]
+    mids = model_ids if model_ids is not None else [_model_id(m["path"], m["spec"]) for m in c.models]
     return {f"{mid}|{p.key()}" for mid in mids for p in c.points}
 
 
@@ -495,10 +506,11 @@ def _targets(c: Campaign, dev: torch.device) -> list[tuple[Target, str]]:
     """(target, model id) of every model, checked (bundle matches checkpoint) on ``dev``."""
     targets = []
     for m in c.models:
-        t = resolve_target(m["bundle"] or m["path"], checkpoint=m["path"] if m["bundle"] else None, device=dev)
+        t = resolve_target(m["bundle"] or m["path"], checkpoint=m["path"] if m["bundle"] else None, device=dev,
+                           spec=build_spec(m["spec"]))
         if m["name"]:
             t.name = m["name"]
-        targets.append((t, _model_id(m["path"])))
+        targets.append((t, _model_id(m["path"], m["spec"])))
     return targets
 
 

@@ -19,12 +19,15 @@ from splitbits.runtime.cli import (
     positive_float,
     positive_int,
 )
+from splitbits.trainer.spec_cli import add_spec_arguments, spec_from_args
 
 ATTACK_DESCRIPTION = """\
 Attack (or corrupt) a split model's inputs and measure the REAL packet bytes from the runtime.
 
-TARGET is a bundle directory (its manifest names the source checkpoint; or pass --checkpoint) or a
-checkpoint (exported once to a cached bundle; or pass --bundle). The torch model supplies gradients;
+TARGET is a bundle directory (its manifest names the source checkpoint and holds the model spec; or
+pass --checkpoint) or a checkpoint (exported once to a cached bundle; or pass --bundle). An sc2bench
+checkpoint carries no spec: attack the bundle exported from it, or give --arch/--family (and
+--num-classes/--input-size if not 1000/224). The torch model supplies gradients;
 bytes are len(packet) from the ONNX Runtime edge encoder and top-1 comes from the server decoder, for
 the clean images and the attacked ones, each with every --defence. The surrogate (−Σlog₂p/8) is shown
 beside the real bytes, and the attack is checked: its objective must rise.
@@ -39,6 +42,7 @@ examples:
   splitbits attack runs/demo/bundle_mshp --attack corruption --corruption shot_noise --severity 3
   splitbits attack runs/demo/bundle_mshp --attack pgd-e-bpda --eps 8 --through oatv --defence oatv
   splitbits attack runs/demo/bundle_mshp --attack pgd-e --eps 8 --save-inputs adv.npz   # for the device bench
+  splitbits attack sc2bench_r50_mshp.pt --arch resnet50 --family mshp --attack pgd-e --eps 8 --limit 32
 """
 
 CAMPAIGN_DESCRIPTION = """\
@@ -133,6 +137,7 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--save-inputs", type=output_file, default=None, metavar="FILE.npz",
                    help="write the attacked uint8 NHWC images and labels (for the on-device bench)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_spec_arguments(p)
 
 
 def _threat_point(args: argparse.Namespace) -> Any:
@@ -181,10 +186,11 @@ def _attack_run(args: argparse.Namespace) -> int:
         from splitbits.runtime.report import write_json
 
     point, defences = _threat_point(args), _defences(args.defence)  # everything is checked before any work
+    spec = spec_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
-    target = resolve_target(args.target, checkpoint=args.checkpoint, bundle=args.bundle, device=dev)
+    target = resolve_target(args.target, checkpoint=args.checkpoint, bundle=args.bundle, device=dev, spec=spec)
     images, labels = load_arrays(args.dataset, args.split, args.image_size or target.model.spec.input_size,
                                  args.limit)
     run, attacked = attack_point(target, images, labels, point, defences, seed=args.seed, batch=args.batch,
@@ -261,8 +267,9 @@ def _campaign_run(args: argparse.Namespace) -> int:
 
 
 def _bench_attack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=None,
-                   help="student checkpoint (default: an untrained tiny MSHP model; speed does not depend on weights)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT_OR_BUNDLE",
+                   help="student checkpoint, or a bundle (its manifest names the checkpoint and holds the spec); "
+                        "default: an untrained tiny MSHP model (speed does not depend on weights)")
     p.add_argument("--images", type=positive_int, default=64, help="images attacked by the batched implementation")
     p.add_argument("--loop-images", type=positive_int, default=8, help="images attacked by each per-image loop")
     p.add_argument("--batch", type=positive_int, default=32, help="batch of the batched implementation")
@@ -273,6 +280,7 @@ def _bench_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--skip-sequential", action="store_true", help="skip the sequential-EOT loop (slow)")
     p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the results as JSON")
+    add_spec_arguments(p)
     s = p.add_argument_group("attack strength (--strength)")
     s.add_argument("--strength", action="store_true", help="compare the PGD-E schedules' payload increase instead")
     s.add_argument("--bundle", default=None, help="bundle of --checkpoint (default: cached export)")
@@ -291,12 +299,15 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
         from splitbits.attacks.runner import pick_device
         from splitbits.runtime.report import rich_table, write_json
 
+    spec = spec_from_args(args)
+    if spec is not None and not args.checkpoint:
+        raise CliError("--arch/--family describe the --checkpoint to bench; give --checkpoint too")
     torch.set_num_threads(args.threads)
     if args.strength:
-        return _strength_run(args)
+        return _strength_run(args, spec)
     res = run_bench(args.checkpoint, pick_device(args.device), images=args.images, loop_images=args.loop_images,
                     batch=args.batch, steps=args.steps, eot=args.eot, eps=args.eps,
-                    sequential=not args.skip_sequential)
+                    sequential=not args.skip_sequential, spec=spec)
     rows = [(k, res[k]["images"], res[k]["seconds"], res[k]["images_per_s"], res[k]["rate_attacked_bits"])
             for k in ("batched", "per_image", "per_image_sequential_eot") if k in res]
     rich_table(f"PGD-E throughput ({args.steps} steps, EOT {args.eot}, {res['settings']['device']}, "
@@ -314,14 +325,14 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strength_run(args: argparse.Namespace) -> int:
+def _strength_run(args: argparse.Namespace, spec: Any) -> int:
     from splitbits.attacks.runner import pick_device, resolve_target
     from splitbits.attacks.strength import compare_schedules, table
     from splitbits.runtime.report import rich_table, write_json
 
     if not args.checkpoint:
         raise CliError("--strength needs --checkpoint (a trained student: strength depends on the weights)")
-    target = resolve_target(args.checkpoint, bundle=args.bundle, device=pick_device(args.device))
+    target = resolve_target(args.checkpoint, bundle=args.bundle, device=pick_device(args.device), spec=spec)
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
 
@@ -383,7 +394,7 @@ The prepared check of a CUDA machine (issue 14), one JSON out. Steps, each timed
   tiny_student      the two-stage Entropic Student recipe (trainer.train: short tiny teacher, stage 1,
                     stage 2) on builtin: loss per epoch (it must fall), samples/s
   resnet50_student  stage 1 of a ResNet-50 MSHP student at 224 (random-init teacher, builtin images
-                    upsampled): loss first/last, samples/s
+                    at 224): loss first/last, samples/s
   bench_attack      `bench attack`: batched vs per-image PGD-E (the 5x target)
   pgd_e_resnet50    batched PGD-E images/s on the ResNet-50 MSHP student at 224
   numba_coder       the runtime's coders on ResNet-50 latents on this machine's CPU (`bench codec`)

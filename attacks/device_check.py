@@ -9,7 +9,7 @@ written here also stop at their step's deadline (twice its estimate, at most the
 * ``tiny_student``: the two-stage Entropic Student recipe through ``splitbits.trainer.train`` (a short
   tiny teacher, then stage 1 and stage 2) on the builtin dataset: loss per epoch, samples/s;
 * ``resnet50_student``: stage 1 of a ResNet-50 MSHP student (sc2bench architecture, random-init
-  teacher) on builtin images upsampled to 224: loss first/last, samples/s;
+  teacher) on builtin images at 224: loss first/last, samples/s;
 * ``bench_attack``: ``splitbits bench attack`` (batched vs per-image PGD-E) on the device;
 * ``pgd_e_resnet50``: batched PGD-E images/s on the ResNet-50 MSHP student at 224;
 * ``numba_coder``: the runtime's coders on ResNet-50 latents on this machine's CPU (``bench codec``).
@@ -150,7 +150,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def _images(size: int, count: int, dev: torch.device) -> tuple[Tensor, str]:
-    """``count`` builtin validation images at ``size`` (upsampled where builtin cannot render it) as
+    """``count`` builtin validation images at ``size`` (``load_images``: rendered at ``size``) as
     uint8 NCHW on ``dev``, and where they came from."""
     from splitbits.runtime.codec.bench import load_images
 

@@ -15,6 +15,8 @@ rounded to the nearest uint8 level, never beyond ε (``to_uint8_within``). Defen
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -65,38 +67,63 @@ def _cache_root() -> Path:
     return Path(os.environ.get("SPLITBITS_CACHE", Path.home() / ".cache" / "splitbits")).expanduser()
 
 
+def bundle_checkpoint(bundle_dir: Path, checkpoint: str | os.PathLike | None = None) -> tuple[Path, Any]:
+    """The checkpoint of a bundle (``checkpoint``, else the one its manifest names) and the bundle's
+    model spec (what an sc2bench checkpoint, which carries none, is rebuilt with).
+
+    A checkpoint taken from the manifest must still be the exported file: its sha256, when the
+    manifest records one, is checked."""
+    from splitbits.runtime.bundle import MANIFEST, BundleError, load_manifest, sha256_file
+    from splitbits.trainer.models import ModelSpec
+
+    if not (bundle_dir / MANIFEST).is_file():
+        raise TargetError(f"{bundle_dir} is a directory without {MANIFEST}: not a bundle")
+    try:
+        manifest = load_manifest(bundle_dir)
+        spec = ModelSpec.from_dict(manifest.get("model") or {})
+    except (BundleError, TypeError, ValueError) as exc:
+        raise TargetError(f"bundle {bundle_dir}: {exc}") from None
+    implicit = checkpoint is None
+    if implicit:
+        src = manifest.get("source")
+        if not src:
+            raise TargetError(f"bundle {bundle_dir} does not name its source checkpoint; pass --checkpoint")
+        checkpoint = Path(src) if Path(src).is_absolute() or Path(src).exists() else bundle_dir.parent / Path(src).name
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_file():
+        raise TargetError(f"the checkpoint of bundle {bundle_dir} is not found ({ckpt}); pass --checkpoint")
+    want = manifest.get("source_sha256")
+    if implicit and want and sha256_file(ckpt) != want:
+        raise TargetError(f"{ckpt} is not the checkpoint bundle {bundle_dir} was exported from (sha256 differs); "
+                          "re-export the bundle, or pass the checkpoint with --checkpoint")
+    return ckpt, spec
+
+
 def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                    bundle: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                   device: str | torch.device = "cpu") -> Target:
+                   device: str | torch.device = "cpu", spec: Any = None) -> Target:
     """A bundle dir (its manifest's ``source`` or ``checkpoint`` gives the torch model) or a checkpoint
     (``bundle`` or an export cached under ``cache_dir``, default ``$SPLITBITS_CACHE/attack_bundles``).
 
-    The pair is checked: same model spec, and the bundle's head reproduces the torch head.
+    ``spec`` (a ``ModelSpec``) rebuilds an sc2bench checkpoint, which carries none; by default the
+    bundle's manifest supplies it. The pair is checked: same model spec, and the bundle's head
+    reproduces the torch head.
     """
-    from splitbits.runtime.bundle import MANIFEST, load_manifest, sha256_file
+    from splitbits.runtime.bundle import MANIFEST, sha256_file
     from splitbits.trainer.checkpoint import load_model
     from splitbits.trainer.models import SplitClassifier
 
     p = Path(path).expanduser()
     if not p.exists():
         raise TargetError(f"no such checkpoint or bundle: {p}")
+    bundle_dir = p if p.is_dir() else (Path(bundle).expanduser() if bundle else None)
     if p.is_dir():
-        if not (p / MANIFEST).is_file():
-            raise TargetError(f"{p} is a directory without {MANIFEST}: not a bundle")
-        bundle_dir = p
-        if checkpoint is None:
-            src = load_manifest(p).get("source")
-            if not src:
-                raise TargetError(f"bundle {p} does not name its source checkpoint; pass --checkpoint")
-            checkpoint = Path(src) if Path(src).is_absolute() or Path(src).exists() else p.parent / Path(src).name
-        ckpt = Path(checkpoint).expanduser()
-        if not ckpt.is_file():
-            raise TargetError(f"the checkpoint of bundle {p} is not found ({ckpt}); pass --checkpoint")
+        ckpt, bundle_spec = bundle_checkpoint(p, checkpoint)
     else:
         ckpt = p
-        bundle_dir = Path(bundle).expanduser() if bundle else None
+        bundle_spec = bundle_checkpoint(bundle_dir, ckpt)[1] if bundle_dir is not None and bundle_dir.is_dir() else None
     try:
-        model, ck = load_model(ckpt)
+        model, ck = load_model(ckpt, spec if spec is not None else bundle_spec)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise TargetError(f"cannot load {ckpt}: {exc}") from exc
     if not isinstance(model, SplitClassifier):
@@ -105,7 +132,10 @@ def resolve_target(path: str | os.PathLike, checkpoint: str | os.PathLike | None
         model.update_entropy_tables(force=True)
     if bundle_dir is None:
         root = Path(cache_dir).expanduser() if cache_dir else _cache_root() / "attack_bundles"
-        bundle_dir = root / sha256_file(ckpt)[:16]
+        key = sha256_file(ckpt)
+        if ck.get("format") == "sc2bench":  # the same file rebuilt with another spec is another model
+            key = hashlib.sha256((key + json.dumps(model.spec.to_dict(), sort_keys=True)).encode()).hexdigest()
+        bundle_dir = root / key[:16]
         if not (bundle_dir / MANIFEST).is_file():
             from splitbits.export.bundle import export_bundle
 

@@ -231,7 +231,8 @@ def _manifest(spec: ModelSpec, graphs: dict[str, Any], latents: dict[str, list[i
         "format_version": FORMAT_VERSION,
         "family": spec.family,
         "model": spec.to_dict(),
-        "source": source,
+        "source": source,  # the checkpoint (as given), and its sha256 (null when not a file)
+        "source_sha256": sha256_file(Path(source)) if source and Path(source).is_file() else None,
         "input": {"shape": [3, s, s], "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW",
                   "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "inside_head": True}},
         "latents": latents,

@@ -17,10 +17,12 @@ from splitbits.runtime.cli import (
     output_file,
     positive_int,
 )
+from splitbits.trainer.spec_cli import add_spec_arguments, spec_from_args
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="a splitbits or sc2bench checkpoint (.pt), or a bundle directory with --trt")
+    p.add_argument("source", help="a splitbits or sc2bench checkpoint (.pt; sc2bench: with --arch/--family), "
+                   "or a bundle directory with --trt")
     p.add_argument("--out", help="bundle directory to write (checkpoint source)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--dataset", default="builtin",
@@ -28,11 +30,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--golden", type=positive_int, default=8, help="number of golden images")
     p.add_argument("--opset", type=int_range(7, 20), default=17, help="ONNX opset (TensorRT 10.3 accepts ≤ 20)")
     p.add_argument("--json", type=output_file, metavar="FILE", help="write the export summary as JSON")
-    g = p.add_argument_group("sc2bench checkpoints (no embedded spec)")
-    g.add_argument("--arch", choices=["tiny", "resnet50", "resnet101", "regnety_064"])
-    g.add_argument("--family", choices=["fp", "mshp"])
-    g.add_argument("--num-classes", type=positive_int, default=1000)
-    g.add_argument("--input-size", type=int_range(16, 8192), default=224)
+    add_spec_arguments(p)
     t = p.add_argument_group("TensorRT engines (source is a bundle directory; run on the target device)")
     t.add_argument("--trt", action="store_true", help="build head/hyper/tail engines for this GPU into the bundle")
     t.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
@@ -102,13 +100,8 @@ def run_export(args: argparse.Namespace) -> int:
         from splitbits.export.bundle import export_bundle
         from splitbits.runtime.report import write_json
         from splitbits.trainer.checkpoint import load_model
-        from splitbits.trainer.models import ModelSpec, SplitClassifier
-    spec = None
-    if args.arch:
-        if not args.family:
-            raise CliError("--arch needs --family (fp or mshp)")
-        spec = ModelSpec(arch=args.arch, family=args.family, num_classes=args.num_classes,
-                         input_size=args.input_size)
+        from splitbits.trainer.models import SplitClassifier
+    spec = spec_from_args(args)
     try:
         model, _ = load_model(args.source, spec)
     except (FileNotFoundError, ValueError) as exc:
@@ -132,8 +125,8 @@ BENCH_CODEC_DESCRIPTION = """\
 Latent sets (one image = one MSHP packet's z and y sections, or one FP packet's y section):
 
 * ``resnet50_mshp_224`` / ``resnet50_fp_224``: the Entropic-Student ResNet-50 bottleneck,
-  untrained but with compressai ``update()`` tables (seeded), on 224×224 images (builtin
-  validation images; builtin renders at most ~200 px, so they are rendered smaller and upsampled);
+  untrained but with compressai ``update()`` tables (seeded), on 224×224 builtin validation
+  images (rendered at 224 since issue 11; earlier releases rendered smaller and upsampled);
 * every ``--bundle PATH``: an exported bundle (e.g. the demo's trained tiny model), its head on
   ONNX Runtime over builtin validation images at the bundle's input size.
 

@@ -258,6 +258,9 @@ def check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
           "model.class_names", "a list of strings", names)
     src = manifest.get("source")
     _need(src is None or isinstance(src, str), mpath, "source", "a path or null", src)
+    src_sha = manifest.get("source_sha256")
+    _need(src_sha is None or (isinstance(src_sha, str) and _HEX64.fullmatch(src_sha) is not None), mpath,
+          "source_sha256", "64 hex digits or null", src_sha)
 
 
 def bundle_file(root: Path, rel: str) -> Path:

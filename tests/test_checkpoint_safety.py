@@ -37,12 +37,21 @@ def test_the_payloads_are_live(corpus):
     assert not marker.exists()
 
 
+SC2BENCH_SPEC = ["--arch", "tiny", "--family", "mshp", "--num-classes", "12", "--input-size", "64"]
+SC2BENCH_KEYS = ", arch: tiny, family: mshp, num_classes: 12, input_size: 64"
+
 # (name, argv builder): every command that reads a checkpoint given by the user
 ENTRY_POINTS = {
     "export": lambda p, tmp: ["export", str(p), "--out", str(tmp / "bundle")],
     "export-sc2bench": lambda p, tmp: ["export", str(p), "--arch", "tiny", "--family", "mshp", "--num-classes",
                                        "12", "--input-size", "64", "--out", str(tmp / "bundle")],
     "attack": lambda p, tmp: ["attack", str(p), "--attack", "noise", "--limit", "2", "--no-progress"],
+    "attack-sc2bench": lambda p, tmp: ["attack", str(p), *SC2BENCH_SPEC, "--attack", "noise", "--limit", "2",
+                                       "--no-progress"],
+    "bench-attack-sc2bench": lambda p, tmp: ["bench", "attack", "--checkpoint", str(p), *SC2BENCH_SPEC, "--images",
+                                             "2", "--loop-images", "1", "--steps", "1", "--eot", "1",
+                                             "--skip-sequential"],
+    "campaign-sc2bench": lambda p, tmp: ["campaign", str(_campaign_yaml(p, tmp, SC2BENCH_KEYS)), "--no-progress"],
     "bench-attack": lambda p, tmp: ["bench", "attack", "--checkpoint", str(p), "--images", "2", "--loop-images", "1",
                                     "--steps", "1", "--eot", "1", "--skip-sequential"],
     "train-teacher": lambda p, tmp: ["train", "tiny_mshp", "--teacher", str(p), "--out", str(tmp / "s.pt"),
@@ -52,9 +61,9 @@ ENTRY_POINTS = {
 }
 
 
-def _campaign_yaml(ckpt: Path, tmp: Path) -> Path:
+def _campaign_yaml(ckpt: Path, tmp: Path, spec: str = "") -> Path:
     cfg = tmp / "campaign.yaml"
-    cfg.write_text(f"name: hostile\nout: {tmp / 'out'}\nmodels:\n  - {{checkpoint: {ckpt}}}\n"
+    cfg.write_text(f"name: hostile\nout: {tmp / 'out'}\nmodels:\n  - {{checkpoint: {ckpt}{spec}}}\n"
                    "dataset: builtin\nlimit: 2\nthreats:\n  - {name: noise, eps: [8]}\n")
     return cfg
 

@@ -226,8 +226,9 @@ def model_from_checkpoint(path: Path, obj: dict[str, Any], spec: ModelSpec | Non
         return model.eval(), obj
     if spec is None:
         raise CheckpointError(
-            f"{path}: not a splitbits checkpoint; pass the model spec (arch, family, num_classes) "
-            "to load an sc2bench/torchdistill checkpoint"
+            f"{path}: not a splitbits checkpoint, so it carries no model spec; for an sc2bench/torchdistill "
+            "checkpoint give --arch and --family (and --num-classes/--input-size if not 1000/224; in a "
+            "campaign: arch, family, ... in its models entry), or use the bundle exported from it"
         )
     model = build_model(spec)
     if not isinstance(model, SplitClassifier):
