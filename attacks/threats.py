@@ -416,7 +416,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * steps) for q in p[1:] if q <= 1.0} - {0})
+    return sorted({math.ceil(q * steps - 1e-9) for q in p[1:] if q <= 1.0} - {0})
 
 
 def apgd(x: Tensor, objective: Objective, eps: float, steps: int, eta: float, *, random_start: bool = False,
@@ -506,7 +506,9 @@ def reference_pgd(x: Tensor, objective: Objective, eps: float, steps: int, step:
         f_clean = f if f_clean is None else f_clean
         history.append(float(f.mean()))
         x_adv = project(mean_copy, x, eps)
-    f_last = stepped(x_adv)[1]
+    with torch.no_grad():
+        f_last = torch.cat([_split(objective(x_adv[i:i + per].repeat(copies, 1, 1, 1)))[0].view(copies, -1).mean(0)
+                            for i in range(0, n, per)])
     history.append(float(f_last.mean()))
     return x_adv.detach(), f_last if f_clean is None else f_clean, f_last, history
 
