@@ -166,7 +166,7 @@ def test_paper_twin_smoke(student, tmp_path) -> None:
     raw["corruptions"]["names"] = raw["corruptions"]["names"][:1]
     raw["defences"][1]["iterations"] = 3
     c = camp.parse_campaign(raw)
-    files = camp.run_campaign(c, tmp_path / "out", progress=False)
+    files = camp.run_campaign(c, tmp_path / "out", progress=False)["report"]
     md = Path(files["markdown"]).read_text()
     assert "Ours beside the published figures" in md and "arXiv:2403.00942" in md and "paper Δ %" in md
     rep = json.loads(Path(files["json"]).read_text())
