@@ -219,7 +219,8 @@ def published_rows(recs: list[dict[str, Any]], published: dict[str, Any]) -> lis
     out = []
     for r in recs:
         p = pub.get(_published_key(r["model"], r["family"], r["beta"], r["threat"], r["level"], r["defence"]), {})
-        out.append([r["model"], r["family"], r["beta"], r["threat"], r["level"], r["defence"], r["clean_bytes"] / 1000,
+        beta = "–" if r["beta"] is None else r["beta"]
+        out.append([r["model"], r["family"], beta, r["threat"], r["level"], r["defence"], r["clean_bytes"] / 1000,
                     r["bytes"] / 1000, _pct(r["delta_bytes_pct"]), 100 * r["top1"],
                     *(p.get(k, "–") for k in ("clean_kb", "attacked_kb", "delta_pct", "top1"))])
     return out
