@@ -22,12 +22,13 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "A splitbits checkpoint and a bundle carry their model spec; an sc2bench/torchdistill checkpoint "
         "({'model': state_dict}) needs --arch and --family (and --num-classes/--input-size if not "
         f"{DEFAULT_NUM_CLASSES}/{DEFAULT_INPUT_SIZE}).")
-    g.add_argument("--arch", choices=ARCHS, default=None, help="backbone of the sc2bench student")
-    g.add_argument("--family", choices=FAMILIES, default=None,
+    # SUPPRESS: absent options are absent (not "None" in --help); spec_from_args reads them with getattr
+    g.add_argument("--arch", choices=ARCHS, default=argparse.SUPPRESS, help="backbone of the sc2bench student")
+    g.add_argument("--family", choices=FAMILIES, default=argparse.SUPPRESS,
                    help="entropy model: fp (factorized prior) or mshp (mean-scale hyperprior)")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+    g.add_argument("--num-classes", type=int, default=argparse.SUPPRESS, metavar="N",
                    help=f"classifier outputs (default {DEFAULT_NUM_CLASSES} with --arch)")
-    g.add_argument("--input-size", type=int, default=None, metavar="PX",
+    g.add_argument("--input-size", type=int, default=argparse.SUPPRESS, metavar="PX",
                    help=f"square input side (default {DEFAULT_INPUT_SIZE} with --arch)")
 
 
@@ -67,7 +68,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     from splitbits.runtime.cli import CliError
 
     try:
-        return build_spec(spec_options(args.arch, args.family, args.num_classes, args.input_size, cli=True))
+        return build_spec(spec_options(*(getattr(args, k, None) for k in SPEC_KEYS), cli=True))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
