@@ -80,9 +80,9 @@ def run_bench(checkpoint: str | None, dev: torch.device, *, images: int = 64, lo
     x = torch.rand(max(images, loop_images), 3, size, size, generator=gen, device=dev)
     cfg = AttackConfig(name="pgd-e", eps=eps / 255, steps=steps, eot=eot)
     run_attack(model, x[:2], AttackConfig(name="pgd-e", eps=cfg.eps, steps=2, eot=2), generator=gen)  # warm-up
-    out: dict[str, Any] = {"settings": {"steps": steps, "eot": eot, "eps": f"{eps:g}/255", "batch": batch,
-                                        "images": images, "loop_images": loop_images, "input": [3, size, size],
-                                        "model": source, "device": str(dev)}}
+    out: dict[str, Any] = {"settings": {"schedule": cfg.schedule, "steps": steps, "eot": eot, "eps": f"{eps:g}/255",
+                                        "batch": batch, "images": images, "loop_images": loop_images,
+                                        "input": [3, size, size], "model": source, "device": str(dev)}}
 
     def timed(name: str, n: int, attack: Callable[[], Tensor]) -> None:
         _sync(dev)

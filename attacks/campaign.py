@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from splitbits.attacks.defence import DefenceConfig
-from splitbits.attacks.report import write_report
+from splitbits.attacks.report import load_published, write_report
 from splitbits.attacks.runner import (
     PointResult,
     RuntimeMeter,
@@ -97,9 +97,10 @@ TOP_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "threats": ((list,), [{"name": "clean"}], "attacks: {name, eps: [..], steps, eot, ...}"),
     "corruptions": ((dict,), None, "{names: [..] | all, severities: [1..5], source: generate | imagenet-c:PATH}"),
     "defences": ((list,), ["none"], "none, oatv, tv, jpeg (name or {name, options})"),
+    "paper": ((str,), None, "published figures (JSON, see paper_published.json) to put beside ours in the report"),
 }
 THREAT_KEYS = {"name", "eps", "steps", "step_size", "eot", "random_start", "terms", "quant", "band",
-               "through", "through_grad", "keep_best", "defence"}
+               "through", "through_grad", "keep_best", "defence", "schedule"}
 CORRUPTION_KEYS = {"names", "severities", "source"}
 
 
@@ -280,7 +281,22 @@ def parse_campaign(raw: Mapping[str, Any], base: Path | None = None) -> Campaign
     labels = [d.label for d in defences]
     if len(set(labels)) != len(labels):
         raise CampaignError(f"defences: the same defence is listed twice ({labels})")
+    if cfg["paper"] is not None:
+        cfg["paper"] = str(_published_path(cfg["paper"], base))
     return Campaign(cfg, models, points, defences, source)
+
+
+def _published_path(name: str, base: Path) -> Path:
+    """``paper:`` as given (absolute or from the working directory), else beside the config, else shipped."""
+    for p in (Path(name).expanduser(), base / name, Path(__file__).parent / "campaigns" / name):
+        if p.is_file():
+            try:
+                load_published(p)
+            except ValueError as exc:
+                raise CampaignError(str(exc)) from None
+            return p
+    raise CampaignError(f"paper: {name} not found (absolute, from the working directory, beside the config, "
+                        "or shipped in attacks/campaigns)")
 
 
 def load_campaign(path: str | os.PathLike) -> Campaign:
@@ -627,8 +643,9 @@ def report_campaign(c: Campaign, out: str | os.PathLike, store: ResultStore | No
             rows = st.rows()
     else:
         rows = store.rows()
+    published = load_published(c.config["paper"]) if c.config.get("paper") else None
     return write_report(rows, out, title=c.config["name"], points=current_points(c, model_ids),
-                        defences={d.label for d in c.defences})
+                        defences={d.label for d in c.defences}, published=published)
 
 
 def export_parquet(out: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:

@@ -92,6 +92,17 @@ Three implementations of the same attack (``--steps`` PGD steps, ``--eot`` noise
 
 Images/s of each and the speedups of ``batched`` over the two loops go to stdout and ``--json``,
 together with the machine's load average and thread count (timings on a shared CPU vary).
+
+``--strength`` (needs ``--checkpoint``): how strong each PGD schedule is instead of how fast. Every
+schedule of ``--schedules`` (auto: the default APGD-style; reference: the paper's procedure; fixed:
+Madry PGD, the schedule before auto) attacks the same ``--limit`` images of each ``--sets`` entry
+(builtin, photos = scikit-image's photographs, noise, imagefolder:PATH) at the model's input size;
+the payload is the real packet of the uint8 attacked image (ONNX Runtime on the bundle: ``--bundle``,
+else an export cached like ``splitbits attack``'s). Prints per set and schedule the mean bytes, the
+increase over clean, images/s and images through g_a forward/backward per image, and the share of
+images where auto is >= the best of the others; --json has the per-image bytes.
+
+  splitbits bench attack --strength --checkpoint ck.pt --sets builtin,photos --limit 32 --json s.json
 """
 
 
@@ -103,9 +114,14 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps-unit", choices=("255", "unit"), default="255", help="unit of --eps numbers")
     g.add_argument("--steps", type=positive_int, default=20, help="PGD steps")
     g.add_argument("--step-size", type=positive_float, default=None,
-                   help="PGD step (fraction of [0,1]); default 2.5·ε/steps")
+                   help="PGD step (fraction of [0,1]); default per --schedule: 2ε first step (auto), "
+                   "2.5·ε/steps (fixed), 0.1 (reference)")
     g.add_argument("--eot", type=positive_int, default=16, help="EOT samples of the quantisation noise per step")
     g.add_argument("--no-random-start", action="store_true", help="start PGD at the clean image")
+    g.add_argument("--schedule", choices=("auto", "fixed", "reference"), default="auto",
+                   help="PGD schedule: auto (APGD-style adaptive step, best iterate by the coded rate; the default), "
+                   "fixed (Madry: step 2.5ε/steps, random start) or reference (the paper's procedure, pgd-e only: "
+                   "--eot copies per step, signed steps of --step-size, default 0.1, averaged)")
     g.add_argument("--terms", default="y,z", help="rate terms the entropy attacks maximise: y, z or y,z")
     g.add_argument("--quant", choices=("noise", "ste"), default="noise",
                    help="gradient through quantisation: uniform noise (EOT) or straight-through rounding")
@@ -155,7 +171,7 @@ def _threat_point(args: argparse.Namespace) -> Any:
     return ThreatPoint(attack=AttackConfig(
         name=name, eps=eps, steps=args.steps, step_size=args.step_size, eot=args.eot,
         random_start=not args.no_random_start, terms=terms, quant=args.quant, band=args.band,
-        through=args.through, through_grad=args.through_grad))
+        through=args.through, through_grad=args.through_grad, schedule=args.schedule))
 
 
 def _defences(specs: list[str]) -> list[Any]:
@@ -315,6 +331,14 @@ def _bench_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-sequential", action="store_true", help="skip the sequential-EOT loop (slow)")
     p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the results as JSON")
     add_spec_arguments(p)
+    s = p.add_argument_group("attack strength (--strength)")
+    s.add_argument("--strength", action="store_true", help="compare the PGD-E schedules' payload increase instead")
+    s.add_argument("--bundle", default=None, help="bundle of --checkpoint (default: cached export)")
+    s.add_argument("--sets", default="builtin,photos,noise", help="image sets: builtin, photos, noise, imagefolder:P")
+    s.add_argument("--schedules", default="auto,reference,fixed", help="PGD schedules to compare (first: the one "
+                   "whose per-image share is reported)")
+    s.add_argument("--limit", type=positive_int, default=32, help="images per set")
+    s.add_argument("--seed", type=int, default=0)
 
 
 def _bench_attack_run(args: argparse.Namespace) -> int:
@@ -329,6 +353,8 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
     if spec is not None and not args.checkpoint:
         raise CliError("--arch/--family describe the --checkpoint to bench; give --checkpoint too")
     torch.set_num_threads(args.threads)
+    if args.strength:
+        return _strength_run(args, spec)
     res = run_bench(args.checkpoint, pick_device(args.device), images=args.images, loop_images=args.loop_images,
                     batch=args.batch, steps=args.steps, eot=args.eot, eps=args.eps,
                     sequential=not args.skip_sequential, spec=spec)
@@ -345,6 +371,39 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
         write_json(args.json, res)
     else:
         json.dump(res, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def _strength_run(args: argparse.Namespace, spec: Any) -> int:
+    from splitbits.attacks.runner import pick_device, resolve_target
+    from splitbits.attacks.strength import compare_schedules, table
+    from splitbits.runtime.report import rich_table, write_json
+
+    if not args.checkpoint:
+        raise CliError("--strength needs --checkpoint (a trained student: strength depends on the weights)")
+    target = resolve_target(args.checkpoint, bundle=args.bundle, device=pick_device(args.device), spec=spec)
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+
+    def progress(name: str, sched: str, r: dict[str, Any]) -> None:
+        print(f"{name:>8} {sched:>9}: {sum(r['bytes']) / len(r['bytes']):9.1f} B  {r['seconds']:8.1f} s", flush=True)
+
+    res = compare_schedules(target, sets, schedules=schedules, default=schedules[0], eps=args.eps / 255,
+                            steps=args.steps, eot=args.eot, limit=args.limit, batch=args.batch, seed=args.seed,
+                            progress=progress)
+    rows = table(res)
+    share = f"{schedules[0]}_ge_best_other_share"
+    rich_table(f"PGD-E strength, ε={args.eps:g}/255, {args.steps} steps, EOT/copies {args.eot}",
+               ["set", "n", "schedule", "clean B", "attacked B", "Δ %", "img/s", "g_a fwd/img", "g_a bwd/img",
+                f"{schedules[0]} ≥ best other"],
+               [(r["set"], r["n"], r["schedule"], r["clean_bytes"], r["attacked_bytes"], r["increase_pct"],
+                 r["images_per_s"], r["g_a_fwd_per_image"], r["g_a_bwd_per_image"], r[share]) for r in rows])
+    res["table"] = rows
+    if args.json:
+        write_json(args.json, res)
+    else:
+        json.dump(rows, sys.stdout, indent=1)
         print()
     return 0
 

@@ -31,6 +31,8 @@ class SplitOutput:
     bits: dict[str, Tensor]
     y_bit_map: Tensor
     logits: Tensor | None = None
+    deployed: dict[str, Tensor] | None = None  # rounded bits per term, [N] (``deployed=True``)
+    y_elements: int = 1  # elements of one image's y (C·h·w)
 
     def rate(self, terms: tuple[str, ...] = RATE_TERMS) -> Tensor:
         """Σ of the selected terms (missing terms, e.g. z of FP, are skipped); shape [N]."""
@@ -76,8 +78,13 @@ def _repeat(t: Tensor, samples: int) -> Tensor:
 
 
 def split_forward(model: SplitClassifier, x: Tensor, quant: str = "noise", logits: bool = False,
-                  samples: int = 1) -> SplitOutput:
+                  samples: int = 1, y_quant: str | None = None, deployed: bool = False) -> SplitOutput:
     """x in [0, 1] (NCHW) → per-image bits of y (and z), the y bit map and optionally the logits.
+
+    ``y_quant`` (default ``quant``) quantises MSHP's y differently from z: the paper's reference attack
+    rounds y as at inference (its gradient flows only through the hyperprior's scales and means) while
+    z gets the additive noise. ``deployed`` also returns the rounded (coded) bits of each image in
+    ``out.deployed`` from the same analysis pass, without gradients (what attacks keep the best of).
 
     ``samples`` > 1 (noise only) draws that many quantisation-noise samples per image while running the
     deterministic analysis transforms (g_a, h_a) once: outputs have ``samples·N`` rows, sample-major
@@ -87,34 +94,48 @@ def split_forward(model: SplitClassifier, x: Tensor, quant: str = "noise", logit
         raise ValueError(f"unknown quantiser {quant!r}; choose from {', '.join(QUANT_MODES)}")
     if samples < 1 or (samples > 1 and quant != "noise"):
         raise ValueError("several samples need quant='noise' (the other quantisers are deterministic)")
+    y_quant = y_quant or quant
+    if y_quant not in QUANT_MODES:
+        raise ValueError(f"unknown quantiser {y_quant!r}; choose from {', '.join(QUANT_MODES)}")
     bl = model.bottleneck_layer
     h = model.normalize(x)
     if isinstance(bl, MSHPBottleneck):
-        y = _repeat(bl.g_a(h), samples)
-        z = _repeat(bl.h_a(y[: x.shape[0]]), samples)
-        eb = bl.entropy_bottleneck
+        y0 = bl.g_a(h)
+        z0 = bl.h_a(y0)
+    elif isinstance(bl, FPBottleneck):
+        y0, z0 = bl.encoder(h), None
+    else:  # pragma: no cover - only two families exist
+        raise TypeError(f"unsupported bottleneck {type(bl).__name__}")
+    bits, y_bits, y_hat = _entropy_terms(bl, _repeat(y0, samples), None if z0 is None else _repeat(z0, samples),
+                                         quant, y_quant)
+    out = SplitOutput(bits, y_bits.sum(1), y_elements=y_bits[0].numel())
+    if deployed:
+        with torch.no_grad():
+            out.deployed = _entropy_terms(bl, y0.detach(), None if z0 is None else z0.detach(), "round", "round")[0]
+    if logits:
+        out.logits = model.backbone_rest(bl.synthesis()(y_hat))
+    return out
+
+
+def _entropy_terms(bl: FPBottleneck | MSHPBottleneck, y: Tensor, z: Tensor | None, quant: str,
+                   y_quant: str) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Per-image bits of each term, the per-element bits of y and ŷ, for latents already computed."""
+    eb = bl.entropy_bottleneck
+    if isinstance(bl, MSHPBottleneck):
+        assert z is not None
         z_hat = _quantize(z, _eb_medians(eb, z), quant)
         z_bits = _bits(_eb_likelihood(eb, z_hat))
         scales, means = bl.hyper(z_hat)
-        y_hat = _quantize(y, means, quant)
+        y_hat = _quantize(y, means, y_quant)
         gc = bl.gaussian_conditional
         y_lik = gc._likelihood(y_hat, scales, means)
         if gc.use_likelihood_bound:
             y_lik = gc.likelihood_lower_bound(y_lik)
         y_bits = _bits(y_lik)
-        bits = {"y": y_bits.flatten(1).sum(1), "z": z_bits.flatten(1).sum(1)}
-    elif isinstance(bl, FPBottleneck):
-        y = _repeat(bl.encoder(h), samples)
-        eb = bl.entropy_bottleneck
-        y_hat = _quantize(y, _eb_medians(eb, y), quant)
-        y_bits = _bits(_eb_likelihood(eb, y_hat))
-        bits = {"y": y_bits.flatten(1).sum(1)}
-    else:  # pragma: no cover - only two families exist
-        raise TypeError(f"unsupported bottleneck {type(bl).__name__}")
-    out = SplitOutput(bits, y_bits.sum(1))
-    if logits:
-        out.logits = model.backbone_rest(bl.synthesis()(y_hat))
-    return out
+        return {"y": y_bits.flatten(1).sum(1), "z": z_bits.flatten(1).sum(1)}, y_bits, y_hat
+    y_hat = _quantize(y, _eb_medians(eb, y), y_quant)
+    y_bits = _bits(_eb_likelihood(eb, y_hat))
+    return {"y": y_bits.flatten(1).sum(1)}, y_bits, y_hat
 
 
 def eot_rate(model: SplitClassifier, x: Tensor, terms: tuple[str, ...] = RATE_TERMS, samples: int = 1,

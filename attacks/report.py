@@ -182,8 +182,65 @@ PAPER_HEADERS = ["model", "threat", "ε / corruption", "clean B", "attacked B", 
                  "Δ % vs clean", "defended top-1 %"]
 
 
-def render(recs: list[dict[str, Any]], files: dict[str, str], title: str) -> tuple[str, str]:
-    """(markdown, html) of the report."""
+PUBLISHED_KEYS = ("model", "family", "beta", "threat", "level", "defence", "clean_kb", "attacked_kb", "delta_pct",
+                  "top1")
+PUBLISHED_HEADERS = ["model", "family", "β", "threat", "ε / corruption", "defence", "ours clean KB",
+                     "ours KB", "ours Δ %", "ours top-1 %", "paper clean KB", "paper KB", "paper Δ %",
+                     "paper top-1 %"]
+
+
+def load_published(path: str | Path) -> dict[str, Any]:
+    """A published-figures file (JSON): ``citation``, ``status``, ``rows`` (each with :data:`PUBLISHED_KEYS`;
+    KB = 1000 bytes per image, Δ % against the same model's clean images, top-1 in %)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"published figures {p}: {exc}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("citation"), str) and isinstance(data.get("rows"), list)):
+        raise ValueError(f"published figures {p}: need a JSON object with 'citation' (text) and 'rows' (list)")
+    for i, r in enumerate(data["rows"]):
+        if not isinstance(r, dict) or set(r) - set(PUBLISHED_KEYS) or not {"model", "threat", "level"} <= set(r):
+            raise ValueError(f"published figures {p}: rows[{i}] must be an object with model, threat, level and "
+                             f"only the keys {', '.join(PUBLISHED_KEYS)}")
+    return data
+
+
+def _published_key(model: Any, family: Any, beta: Any, threat: Any, level: Any, defence: Any) -> tuple:
+    return (str(model), str(family), None if beta is None else round(float(beta), 4), str(threat), str(level),
+            str(defence or "none"))
+
+
+def published_rows(recs: list[dict[str, Any]], published: dict[str, Any]) -> list[list[Any]]:
+    """Every point of ours (the paper's layout: KB/image clean and attacked, Δ %, top-1, defended and
+    corruption rows) with the published figures of the same model, family, β, threat, level and defence."""
+    pub = {_published_key(r["model"], r.get("family"), r.get("beta"), r["threat"], r["level"], r.get("defence")): r
+           for r in published["rows"]}
+    out = []
+    for r in recs:
+        p = pub.get(_published_key(r["model"], r["family"], r["beta"], r["threat"], r["level"], r["defence"]), {})
+        beta = "–" if r["beta"] is None else r["beta"]
+        out.append([r["model"], r["family"], beta, r["threat"], r["level"], r["defence"], r["clean_bytes"] / 1000,
+                    r["bytes"] / 1000, _pct(r["delta_bytes_pct"]), 100 * r["top1"],
+                    *(p.get(k, "–") for k in ("clean_kb", "attacked_kb", "delta_pct", "top1"))])
+    return out
+
+
+def _published_section(recs: list[dict[str, Any]], published: dict[str, Any]) -> tuple[list[str], list[str]]:
+    rows = published_rows(recs, published)
+    head = f"Published: {published['citation']}"
+    notes = [head] + ([f"Status of the published figures: {published['status']}"] if published.get("status") else [])
+    md = ["## Ours beside the published figures", "", *[n + "  " for n in notes], "",
+          md_table(PUBLISHED_HEADERS, rows), ""]
+    hp = ["<h2>Ours beside the published figures</h2>", *[f"<p>{html.escape(n)}</p>" for n in notes],
+          _html_table(PUBLISHED_HEADERS, rows)]
+    return md, hp
+
+
+def render(recs: list[dict[str, Any]], files: dict[str, str], title: str,
+           published: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(markdown, html) of the report; with ``published`` (:func:`load_published`) a section puts the
+    paper's figures beside ours."""
     defences = sorted({r["defence"] for r in recs if r["defence"] != "none"})
     md = [f"# Attack campaign: {title}", "",
           "Bytes are `len(packet)` from the runtime (ONNX Runtime edge encoder); top-1 is the server's "
@@ -194,6 +251,10 @@ def render(recs: list[dict[str, Any]], files: dict[str, str], title: str) -> tup
         rows = paper_rows(recs, d)
         md += [f"## Clean / attacked / defended ({d})", "", md_table(PAPER_HEADERS, rows), ""]
         hp += [f"<h2>Clean / attacked / defended ({html.escape(d)})</h2>", _html_table(PAPER_HEADERS, rows)]
+    if published is not None:
+        pm, ph = _published_section(recs, published)
+        md += pm
+        hp += ph
     rows = summary_rows(recs)
     md += ["## All points", "", md_table(SUMMARY_HEADERS, rows), ""]
     hp += ["<h2>All points</h2>", _html_table(SUMMARY_HEADERS, rows)]
@@ -215,18 +276,23 @@ def render(recs: list[dict[str, Any]], files: dict[str, str], title: str) -> tup
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str = "campaign",
-                 points: set[str] | None = None, defences: set[str] | None = None) -> dict[str, Path]:
+                 points: set[str] | None = None, defences: set[str] | None = None,
+                 published: dict[str, Any] | None = None) -> dict[str, Path]:
     """Aggregate stored result rows into out/report.{md,html,json} + PNGs.
 
-    ``points``, ``defences``: see :func:`aggregate` (None: every stored row).
+    ``points``, ``defences``: see :func:`aggregate` (None: every stored row); ``published``: the paper's
+    figures (:func:`load_published`) to put beside ours.
     """
     recs = aggregate(rows, points, defences)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = plots(recs, out) if recs else {}
-    md, page = render(recs, files, title)
+    md, page = render(recs, files, title, published)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(page)
-    write_json(out / "report.json", {"title": title, "points": recs, "plots": files})
+    extra = {} if published is None else {"published": {"citation": published["citation"],
+                                                        "status": published.get("status"),
+                                                        "rows": published_rows(recs, published)}}
+    write_json(out / "report.json", {"title": title, "points": recs, "plots": files, **extra})
     return {"markdown": out / "report.md", "html": out / "report.html", "json": out / "report.json",
             **{k: out / v for k, v in files.items()}}

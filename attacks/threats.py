@@ -14,6 +14,19 @@ All attacks take a batch ``x ∈ [0, 1]`` (NCHW, on the model's device) and retu
 * ``pgd-e-bpda``: PGD-E through the defence ``through`` (BPDA: identity backward; or ``unroll``).
 
 Every attack records the surrogate it optimised (the EOT objective) before and after, per image.
+
+PGD threats take a ``schedule``:
+
+* ``auto`` (default): APGD-style (Croce & Hein 2020) — first step 2ε, momentum 0.75, the step halves at
+  checkpoints where the iterate stopped improving (restarting from the best point), and each image
+  keeps its best iterate scored by the *deployed* objective (rounded latents for the rate attacks,
+  the real coded size up to the coder's overhead) rather than the noisy EOT surrogate.
+* ``fixed``: Madry et al.'s PGD, step 2.5·ε/steps, random start (the schedule before ``auto``).
+* ``reference`` (``pgd-e`` only): the procedure of Zhang et al.'s published code — objective the mean
+  over y of −log₂p with y rounded as at inference and z through additive noise; each of ``steps``
+  iterations takes ``eot`` copies, a signed gradient step of ``step_size`` (default 0.1, in [0, 1]
+  pixel units) on each copy (each with its own noise), averages the stepped copies and projects onto
+  the ε-ball and [0, 1]; no random start, the last iterate is the result.
 """
 
 from __future__ import annotations
@@ -31,10 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splitbits.attacks.defence import DefenceConfig, apply_defence, object_mask
-from splitbits.attacks.model_ops import QUANT_MODES, RATE_TERMS, eot_rate, split_forward
+from splitbits.attacks.model_ops import QUANT_MODES, RATE_TERMS, split_forward
 from splitbits.runtime.corruptions import check_corruption
 from splitbits.runtime.errors import SplitbitsError
 
+SCHEDULES = ("auto", "fixed", "reference")
 THREATS = ("clean", "pgd-e", "pgd-acc", "noise", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
 ENTROPY_THREATS = ("pgd-e", "pgd-e-lowfreq", "pgd-e-region", "pgd-e-bpda")
 
@@ -84,7 +98,8 @@ def parse_eps(text: str | float | int, unit: str = "255") -> float:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One threat and its parameters. ``step_size`` None → 2.5·ε/steps (Madry et al.)."""
+    """One threat and its parameters. ``step_size`` None → the schedule's own: 2ε (``auto``, the first
+    step), 2.5·ε/steps (``fixed``, Madry et al.), 0.1 (``reference``)."""
 
     name: str = "pgd-e"
     eps: float = 8 / 255
@@ -99,6 +114,7 @@ class AttackConfig:
     through_grad: str = "bpda"
     keep_best: bool = True
     defence: dict[str, Any] = field(default_factory=dict)
+    schedule: str = "auto"
 
     def __post_init__(self) -> None:
         check_threat(self.name)
@@ -117,6 +133,11 @@ class AttackConfig:
             raise AttackConfigError(f"gradient quantiser must be noise or ste, got {self.quant!r}")
         if not 0.0 < self.band <= 1.0:
             raise AttackConfigError(f"low-frequency band must lie in (0, 1], got {self.band!r}")
+        if self.schedule not in SCHEDULES:
+            raise AttackConfigError(f"unknown PGD schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.schedule == "reference" and self.name not in ("pgd-e", "clean", "noise"):
+            raise AttackConfigError(f"schedule 'reference' is the paper's PGD-E procedure; {self.name} has no "
+                                    "reference version (use auto or fixed)")
         if self.through_grad not in ("bpda", "unroll"):
             raise AttackConfigError(f"through_grad must be bpda or unroll, got {self.through_grad!r}")
         try:
@@ -128,6 +149,10 @@ class AttackConfig:
     def alpha(self) -> float:
         if self.step_size is not None:
             return self.step_size
+        if self.schedule == "reference":
+            return 0.1
+        if self.schedule == "auto":
+            return 2.0 * self.eps
         return 2.5 * self.eps / max(1, self.steps)
 
     def through_defence(self) -> DefenceConfig:
@@ -238,11 +263,40 @@ def lowpass(x: Tensor, band: float) -> Tensor:
 
 # -- objectives ------------------------------------------------------------------------------
 
-Objective = Callable[[Tensor], Tensor]
+#: per-image surrogate (differentiable), or (surrogate, deployed score without gradient)
+Objective = Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]
+
+
+def _split(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(surrogate, score): an objective without its own score is scored by its surrogate."""
+    if isinstance(out, tuple):
+        return out
+    return out, out.detach()
 
 
 def rate_objective(model: Any, cfg: AttackConfig) -> Objective:
-    return lambda x: eot_rate(model, x, cfg.terms, cfg.eot, cfg.quant)
+    """EOT rate of ``cfg.terms`` and, as the score, their rounded (deployed) bits from the same pass."""
+
+    def fn(x: Tensor) -> tuple[Tensor, Tensor]:
+        reps = cfg.eot if cfg.quant == "noise" else 1
+        out = split_forward(model, x, cfg.quant, samples=reps, deployed=True)
+        assert out.deployed is not None
+        score = torch.stack([out.deployed[t] for t in cfg.terms if t in out.deployed]).sum(0)
+        return out.rate(cfg.terms).view(reps, x.shape[0]).mean(0), score
+
+    return fn
+
+
+def reference_objective(model: Any) -> Objective:
+    """The paper's PGD-E loss per row: mean over y of −log₂p, y rounded as at inference, z with additive
+    noise (one draw per row). FP has no z; there y takes the noise (rounding alone has no gradient)."""
+    fp = model.family == "fp"
+
+    def fn(x: Tensor) -> Tensor:
+        out = split_forward(model, x, "noise", y_quant="noise" if fp else "round")
+        return out.bits["y"] / out.y_elements
+
+    return fn
 
 
 def region_objective(model: Any, cfg: AttackConfig, floor: float, gamma: float = 1.0) -> Objective:
@@ -280,51 +334,73 @@ def accuracy_objective(model: Any, labels: Tensor, cfg: AttackConfig) -> Objecti
 # -- PGD ---------------------------------------------------------------------------------------
 
 
+PGDResult = tuple[Tensor, Tensor, Tensor, list[float]]
+
+
+def _start(x: Tensor, eps: float, random_start: bool, generator: torch.Generator | None,
+           delta_map: Callable[[Tensor], Tensor] | None) -> Tensor:
+    if not random_start:
+        return x.clone()
+    noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu")
+    delta = (noise.to(x) * 2 - 1) * eps
+    if delta_map is not None:
+        delta = delta_map(delta)
+    return project(x + delta, x, eps)
+
+
+def _grad(objective: Objective, x: Tensor, grad_map: Callable[[Tensor, Tensor], Tensor] | None
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(surrogate, score, gradient of the surrogate, mapped) at ``x``."""
+    xg = x.detach().requires_grad_(True)
+    f, score = _split(objective(xg))
+    (g,) = torch.autograd.grad(f.sum(), xg)
+    if grad_map is not None:
+        g = grad_map(g, x.detach())
+    return f.detach(), score.detach(), g
+
+
+def _step(x: Tensor, x_cur: Tensor, direction: Tensor, eps: float,
+          delta_map: Callable[[Tensor], Tensor] | None) -> Tensor:
+    delta = x_cur + direction - x
+    if delta_map is not None:
+        delta = delta_map(delta)
+    return project(x + delta, x, eps)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
 def pgd(x: Tensor, objective: Objective, eps: float, steps: int, alpha: float, *, random_start: bool = True,
         generator: torch.Generator | None = None, grad_map: Callable[[Tensor, Tensor], Tensor] | None = None,
         step_fn: Callable[[Tensor], Tensor] | None = None, delta_map: Callable[[Tensor], Tensor] | None = None,
-        keep_best: bool = True) -> tuple[Tensor, Tensor, Tensor, list[float]]:
-    """Maximise ``objective`` (per image) over the L∞ ball; returns (x_adv, f(x), f(x_adv), mean f per step).
+        keep_best: bool = True) -> PGDResult:
+    """Fixed-step PGD (schedule ``fixed``): maximise the surrogate (per image) over the L∞ ball; returns
+    (x_adv, f(x), f(x_adv), mean f per step).
 
     ``grad_map(g, x_cur)`` reshapes the gradient, ``step_fn(g)`` turns it into a step direction
     (default sign), ``delta_map(δ)`` constrains the perturbation (e.g. low-pass) before projection.
-    With ``keep_best`` each image keeps the iterate with the highest objective seen.
+    With ``keep_best`` each image keeps the iterate with the highest surrogate seen.
     """
     x = x.detach()
     with torch.no_grad():
-        f_clean = objective(x).detach()
+        f_clean = _split(objective(x))[0].detach()
     if eps == 0 or steps == 0:
         return x.clone(), f_clean, f_clean.clone(), [float(f_clean.mean())]
-    if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else "cpu")
-        delta = (noise.to(x) * 2 - 1) * eps
-        if delta_map is not None:
-            delta = delta_map(delta)
-        x_adv = project(x + delta, x, eps)
-    else:
-        x_adv = x.clone()
+    x_adv = _start(x, eps, random_start, generator, delta_map)
     best, best_f = x_adv.clone(), torch.full_like(f_clean, -math.inf)
     history: list[float] = []
     step_fn = step_fn or torch.sign
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        f = objective(x_adv)
-        (g,) = torch.autograd.grad(f.sum(), x_adv)
+        fd, _s, g = _grad(objective, x_adv, grad_map)
         with torch.no_grad():
-            fd = f.detach()
             history.append(float(fd.mean()))
             better = fd > best_f
             best[better] = x_adv.detach()[better]
             best_f = torch.where(better, fd, best_f)
-            if grad_map is not None:
-                g = grad_map(g, x_adv.detach())
-            x_new = x_adv.detach() + alpha * step_fn(g)
-            delta = x_new - x
-            if delta_map is not None:
-                delta = delta_map(delta)
-            x_adv = project(x + delta, x, eps)
+            x_adv = _step(x, x_adv.detach(), alpha * step_fn(g), eps, delta_map)
     with torch.no_grad():
-        f_last = objective(x_adv).detach()
+        f_last = _split(objective(x_adv))[0].detach()
         history.append(float(f_last.mean()))
         if keep_best:
             better = f_last > best_f
@@ -332,6 +408,109 @@ def pgd(x: Tensor, objective: Objective, eps: float, steps: int, alpha: float, *
             best_f = torch.where(better, f_last, best_f)
             return best.detach(), f_clean, best_f, history
     return x_adv.detach(), f_clean, f_last, history
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """Iterations at which APGD may halve its step: p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03,
+    0.06), scaled by ``steps`` (Croce & Hein 2020)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * steps - 1e-9) for q in p[1:] if q <= 1.0} - {0})
+
+
+def apgd(x: Tensor, objective: Objective, eps: float, steps: int, eta: float, *, random_start: bool = False,
+         generator: torch.Generator | None = None, grad_map: Callable[[Tensor, Tensor], Tensor] | None = None,
+         step_fn: Callable[[Tensor], Tensor] | None = None, delta_map: Callable[[Tensor], Tensor] | None = None,
+         momentum: float = 0.75, rho: float = 0.75) -> PGDResult:
+    """APGD (schedule ``auto``): step ``eta`` per image, momentum, halving at :func:`apgd_checkpoints` when
+    fewer than ``rho`` of the steps since the last checkpoint raised the score or the best score has not
+    moved (then the image restarts from its best point). Each image keeps its best-*scoring* iterate
+    (ties, e.g. the same coded symbols, go to the higher surrogate).
+
+    ``steps`` gradient evaluations (forward + backward) plus one forward of the last iterate; returns
+    (x_best, f(x), f(x_best), mean best score per step).
+    """
+    x = x.detach()
+    n = x.shape[0]
+    with torch.no_grad():
+        f_clean = _split(objective(x))[0].detach()
+    if eps == 0 or steps == 0:
+        return x.clone(), f_clean, f_clean.clone(), [float(f_clean.mean())]
+    step_fn = step_fn or torch.sign
+    x_cur = _start(x, eps, random_start, generator, delta_map)
+    f, s, g = _grad(objective, x_cur, grad_map)
+    best, best_f, best_s, best_g = x_cur.clone(), f.clone(), s.clone(), g.clone()
+    x_prev, s_prev = x_cur.clone(), s.clone()
+    etas = torch.full((n,), float(eta), device=x.device, dtype=x.dtype)
+    checks, last = apgd_checkpoints(steps), 0
+    ups = torch.zeros(n, device=x.device)
+    mark_eta, mark_s = etas.clone(), best_s.clone()
+    history = [float(best_s.mean())]
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            z = _step(x, x_cur, _bcast(etas, x) * step_fn(g), eps, delta_map)
+            if k > 1:
+                z = _step(x, x_cur, momentum * (z - x_cur) + (1 - momentum) * (x_cur - x_prev), eps, delta_map)
+            x_prev, x_cur = x_cur, z
+        if k < steps:
+            f, s, g = _grad(objective, x_cur, grad_map)
+        else:
+            with torch.no_grad():
+                f, s = (t.detach() for t in _split(objective(x_cur)))
+        with torch.no_grad():
+            ups += (s > s_prev).float()
+            s_prev = s
+            better = (s > best_s) | ((s == best_s) & (f > best_f))  # ties (same symbols): the surrogate
+            best[better], best_f[better], best_s[better] = x_cur[better], f[better], s[better]
+            if k < steps:
+                best_g[better] = g[better]
+            history.append(float(best_s.mean()))
+            if k in checks and k < steps:
+                halve = (ups < rho * (k - last)) | ((mark_eta == etas) & (mark_s == best_s))
+                etas = torch.where(halve, etas / 2, etas)
+                x_cur[halve], g[halve] = best[halve], best_g[halve]
+                x_prev[halve] = best[halve]
+                mark_eta, mark_s, last = etas.clone(), best_s.clone(), k
+                ups.zero_()
+    return best.detach(), f_clean, best_f, history
+
+
+def reference_pgd(x: Tensor, objective: Objective, eps: float, steps: int, step: float, copies: int,
+                  chunk: int = 64) -> PGDResult:
+    """The paper's procedure (schedule ``reference``): per iteration ``copies`` copies of each image, a
+    signed gradient step of ``step`` on each (its own noise draw), the mean of the stepped copies
+    projected onto the ε-ball and [0, 1]; no random start; the last iterate. ``objective`` is evaluated
+    on ``copies``·N rows (copy-major), at most ``chunk`` rows per pass. Returns (x_adv, f(x), f(x_adv),
+    mean f per step), f the objective averaged over the copies."""
+    x = x.detach()
+    n = x.shape[0]
+    per = max(1, chunk // copies)
+
+    def stepped(xa: Tensor) -> tuple[Tensor, Tensor]:
+        outs, fs = [], []
+        for i in range(0, n, per):
+            xr = xa[i:i + per].repeat(copies, 1, 1, 1).requires_grad_(True)
+            f = _split(objective(xr))[0]
+            (g,) = torch.autograd.grad(f.sum(), xr)
+            m = xr.shape[0] // copies
+            outs.append((xr.detach() + step * g.sign()).view(copies, m, *x.shape[1:]).mean(0))
+            fs.append(f.detach().view(copies, m).mean(0))
+        return torch.cat(outs), torch.cat(fs)
+
+    x_adv = x.clone()
+    history: list[float] = []
+    f_clean = None
+    for _ in range(steps if eps > 0 else 0):
+        mean_copy, f = stepped(x_adv)
+        f_clean = f if f_clean is None else f_clean
+        history.append(float(f.mean()))
+        x_adv = project(mean_copy, x, eps)
+    with torch.no_grad():
+        f_last = torch.cat([_split(objective(x_adv[i:i + per].repeat(copies, 1, 1, 1)))[0].view(copies, -1).mean(0)
+                            for i in range(0, n, per)])
+    history.append(float(f_last.mean()))
+    return x_adv.detach(), f_last if f_clean is None else f_clean, f_last, history
 
 
 def _linf_normalised(g: Tensor) -> Tensor:
@@ -353,7 +532,10 @@ def run_attack(model: Any, x: Tensor, cfg: AttackConfig, labels: Tensor | None =
             f0 = split_forward(model, x, "round").rate(cfg.terms)
             f1 = split_forward(model, x_adv, "round").rate(cfg.terms)
         return AttackOutcome(x_adv, "rate_bits", f0, f1)
-    kw: dict[str, Any] = {"random_start": cfg.random_start, "generator": generator, "keep_best": cfg.keep_best}
+    if cfg.schedule == "reference":  # pgd-e only (AttackConfig checks)
+        x_adv, f0, f1, hist = reference_pgd(x, reference_objective(model), eps, cfg.steps, cfg.alpha, cfg.eot)
+        return AttackOutcome(x_adv, "reference_mean_y_bits", f0, f1, hist)
+    kw: dict[str, Any] = {"random_start": cfg.random_start, "generator": generator}
     if name == "pgd-acc":
         if labels is None:
             raise AttackConfigError("pgd-acc needs the labels")
@@ -373,11 +555,14 @@ def run_attack(model: Any, x: Tensor, cfg: AttackConfig, labels: Tensor | None =
         dcfg = cfg.through_defence()
         base = rate_objective(model, cfg)
 
-        def obj(xa: Tensor) -> Tensor:
+        def obj(xa: Tensor) -> Tensor | tuple[Tensor, Tensor]:
             return base(apply_defence(model, xa, dcfg, grad=cfg.through_grad))
 
         what = f"rate_bits_eot_through_{dcfg.label}_{cfg.through_grad}"
     else:  # pragma: no cover - check_threat guards
         raise AttackConfigError(name)
-    x_adv, f0, f1, hist = pgd(x, obj, eps, cfg.steps, cfg.alpha, **kw)
+    if cfg.schedule == "fixed":
+        x_adv, f0, f1, hist = pgd(x, obj, eps, cfg.steps, cfg.alpha, keep_best=cfg.keep_best, **kw)
+    else:
+        x_adv, f0, f1, hist = apgd(x, obj, eps, cfg.steps, cfg.alpha, **kw)
     return AttackOutcome(x_adv, what, f0, f1, hist)
