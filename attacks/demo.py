@@ -401,7 +401,8 @@ def attack_section(student: Any, bundle_dir: str | Path, images: np.ndarray, lab
         "",
         f"{len(idx)} validation images (evenly subsampled); real packet bytes (mean) and server top-1. "
         f"PGD uses {steps} steps and EOT {eot} (the reference uses 20 and 16; shortened to fit the demo), "
-        f"random start, step 2.5·ε/steps; PGD-Acc uses straight-through rounding. Defence: "
+        f"schedule `{AttackConfig(name='pgd-e').schedule}` (adaptive step from 2ε with momentum, halving "
+        f"and restart from the best point, best coded rate kept); PGD-Acc uses straight-through rounding. Defence: "
         f"{od.iterations} iterations, λ={od.lam}, α={od.alpha}, mask from the entropy model's likelihood "
         f"map ({rows[1]['oatv']['defence_ms']:.1f} ms/image here). Run `splitbits campaign` for full grids.",
         "",
