@@ -25,11 +25,13 @@ INF_BITS = 0x7F800000  # +inf's bit pattern
 @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 def _lookup(scales: np.ndarray, base: int, shift: int, count: np.ndarray, entry: np.ndarray,
             out: np.ndarray) -> None:  # pragma: no cover - compiled
-    bits = scales.view(np.int32)
+    s = scales.reshape(scales.size)  # C-contiguous arrays of any rank (one compilation per rank)
+    o = out.reshape(out.size)
+    bits = s.view(np.int32)
     last = count.size - 1
-    for i in range(scales.size):
+    for i in range(s.size):
         k = min(max(np.int64(bits[i]) - base, 0) >> shift, last)
-        out[i] = count[k] + (entry[k] < scales[i])
+        o[i] = count[k] + (entry[k] < s[i])
 
 
 class ScaleIndex:
@@ -57,7 +59,9 @@ class ScaleIndex:
 
     def __call__(self, scales: np.ndarray) -> np.ndarray:
         """int32 indexes of float32 ``scales`` (any shape)."""
-        s = np.ascontiguousarray(scales, dtype=np.float32)
+        s = scales
+        if not (type(s) is np.ndarray and s.dtype == np.float32 and s.flags.c_contiguous):  # the edge's case: as is
+            s = np.ascontiguousarray(s, dtype=np.float32)
         out = np.empty(s.shape, np.int32)
-        _lookup(s.reshape(-1), self.base, self.shift, self.count, self.entry, out.reshape(-1))
+        _lookup(s, self.base, self.shift, self.count, self.entry, out)
         return out
