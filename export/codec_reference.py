@@ -179,7 +179,7 @@ def _mshp_set(x: torch.Tensor, source: str, hyper_repeats: int) -> LatentSet:
     }
     session = IntHyperSession(params, params.graph(), codec.scale_table, codec.scale_bound, threads=1)
     ls.hyper.update(hyper_times(session, sz[0], lambda d: _onnx_hyper(model, z_shape, d),
-                                dequantize(sz[:1], zmeans), hyper_repeats))
+                                dequantize(sz[:1], zmeans), hyper_repeats, codec.scale_table, codec.scale_bound))
     return ls
 
 

@@ -317,6 +317,8 @@ def test_bench_codec_figures_targets_and_markdown(tiny_bundles, tmp_path, capsys
     assert s["targets"]["lossless (every coder)"] and s["targets"]["numba bytes <= ideal + 0.1% + 16 B (every image)"]
     h = s["int_hyper"]
     assert h["idx_agreement"] > 0.99 and "bytes_int_vs_float_pct" in h and "top1_int_minus_float_points" in h
+    assert h["int_vs_float"] == pytest.approx(h["int_ms"] / h["float_onnxruntime_ms"])
+    assert h["int_vs_float_path_with_indexes"] == pytest.approx(h["int_ms"] / h["float_path_with_indexes_ms"])
     assert r["all_targets_met"] == all(s["targets"].values())
     assert set(s["stream_bytes"]) == {"numba", "constriction", "note"}  # the runtime coders' one stream per image
     assert all(s["stream_bytes"][c]["excess_bytes_max"] <= 16 for c in ("numba", "constriction"))

@@ -197,13 +197,22 @@ def load_images(size: int, count: int, dataset: str) -> tuple[np.ndarray, np.nda
 
 
 def hyper_times(int_hyper: Any, z_symbols: np.ndarray, make_float: Callable[[str], Callable], z_hat: np.ndarray,
-                repeats: int) -> dict[str, float]:
+                repeats: int, scale_table: np.ndarray | None = None, scale_bound: float = 0.11) -> dict[str, float]:
     """Median ms per image, interleaved: the integer path (``int_hyper.index_means``: its graph on ONNX
     Runtime, the scale indexes and means included) and the float hyper graph alone (``make_float(tmpdir)``
-    returns it, run on ``z_hat``). Each sample times a block of calls lasting ≥ ~5 ms (small graphs)."""
+    returns it, run on ``z_hat``); with ``scale_table``, also the float path as an edge would use it (the
+    graph, then its scale indexes by ``searchsorted``). Each sample times a block of calls lasting ≥ ~5 ms."""
+    from splitbits.runtime.quant import scale_indexes
+
     with tempfile.TemporaryDirectory() as d:
         run_float = make_float(d)
         calls = {"int": lambda: int_hyper.index_means(z_symbols), "float": lambda: run_float(z_hat)}
+        if scale_table is not None:
+            def float_path() -> np.ndarray:
+                out = run_float(z_hat)
+                scales = out["scales"] if isinstance(out, dict) else out[0]  # dict, or (scales, means)
+                return scale_indexes(scales[0], scale_table, scale_bound)
+            calls["float_path"] = float_path
         for f in [*calls.values()] * 3:  # warm (sessions, caches, the lookup's compiled code)
             f()
         c0, _ = _clocks()
@@ -225,6 +234,9 @@ def hyper_times(int_hyper: Any, z_symbols: np.ndarray, make_float: Callable[[str
            "calls_per_sample": inner,
            "clock": "process CPU time, median over interleaved samples (wall time beside); ONNX Runtime on 1 thread"}
     out["int_vs_float"] = out["int_ms"] / out["float_onnxruntime_ms"]
+    if "float_path" in cpu:  # the float path with its own indexes: what the int path replaces on an edge
+        out["float_path_with_indexes_ms"] = float(np.median(cpu["float_path"]))
+        out["int_vs_float_path_with_indexes"] = out["int_ms"] / out["float_path_with_indexes_ms"]
     return out
 
 
@@ -287,7 +299,8 @@ def _bundle_hyper_costs(bundle: Bundle, images: np.ndarray, labels: np.ndarray |
     int_hyper = make_hyper(bundle, one_thread, "int")
     float_hyper = make_hyper(bundle, one_thread, "float")
     z_hat = dequantize(sz, channel_means(bundle.codec.z_medians))[None]
-    out.update(hyper_times(int_hyper, sz, lambda _d: float_hyper, z_hat, repeats))
+    out.update(hyper_times(int_hyper, sz, lambda _d: float_hyper, z_hat, repeats, bundle.codec.scale_table,
+                           bundle.codec.scale_bound))
     return out
 
 
