@@ -63,27 +63,36 @@ def _recrc(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
+def _symbols(rng: np.random.Generator, params):
+    """Per coder: three MSHP (z, idx, y) symbol sets (z small, all int32-min, wide; y with int32 extremes every
+    7th value), then one FP y — the random draws in the corpus's order, shared by both format versions."""
+    for coder_name in ("numba", "constriction"):
+        mshp = []
+        for zsym in [rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
+                     rng.integers(-100, 100, Z_SHAPE)]:
+            zsym = zsym.astype(np.int32)
+            idx, _ = params.index_means(zsym)
+            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
+            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
+            mshp.append((zsym, idx, ysym))
+        yfp = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
+        yfp.flat[3] = np.iinfo(np.int32).max
+        yield coder_name, get_coder(coder_name), mshp, yfp
+
+
 def _version1(rng: np.random.Generator, params, tables: tuple[CdfTables, ...], zidx: np.ndarray,
               yidx_fp: np.ndarray) -> dict[str, bytes]:
     """Version-1 packets (as before version 2: byte-identical files), valid and broken."""
     z_tables, y_tables, fp_tables = tables
     files: dict[str, bytes] = {}
-    for coder_name in ("numba", "constriction"):
-        coder = get_coder(coder_name)
-        for k, zsym in enumerate([rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
-                                  rng.integers(-100, 100, Z_SHAPE)]):
-            zsym = zsym.astype(np.int32)
-            idx, _ = params.index_means(zsym)
-            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
-            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
+    for coder_name, coder, mshp, yfp in _symbols(rng, params):
+        for k, (zsym, idx, ysym) in enumerate(mshp):
             blobs = [coder.encode(zsym, zidx, z_tables), coder.encode(ysym, idx, y_tables)]
             p = pkt.Packet("mshp", coder.coder_id, FP8, [Z_SHAPE, Y_SHAPE], blobs, index_checksum(idx),
                            pkt.FLAG_INT_HYPER, version=1)
             files[f"valid-mshp-{coder_name}-{k}"] = pkt.pack(p)
-        ysym = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
-        ysym.flat[3] = np.iinfo(np.int32).max
         files[f"valid-fp-{coder_name}"] = pkt.pack(pkt.Packet("fp", coder.coder_id, FP8, [Y_SHAPE],
-                                                              [coder.encode(ysym, yidx_fp, fp_tables)], version=1))
+                                                              [coder.encode(yfp, yidx_fp, fp_tables)], version=1))
     base = files["valid-mshp-numba-0"]
     fpbase = files["valid-fp-numba"]
     head = pkt._HEAD.size + 2 * pkt._SECTION.size
@@ -137,20 +146,12 @@ def _version2(rng: np.random.Generator, params, tables: tuple[CdfTables, ...], z
     """Version-2 packets: valid ones (z escapes included), and each field of the frame broken."""
     z_tables, y_tables, fp_tables = tables
     files: dict[str, bytes] = {}
-    for coder_name in ("numba", "constriction"):
-        coder = get_coder(coder_name)
-        for k, zsym in enumerate([rng.integers(-3, 4, Z_SHAPE), np.full(Z_SHAPE, np.iinfo(np.int32).min),
-                                  rng.integers(-100, 100, Z_SHAPE)]):
-            zsym = zsym.astype(np.int32)
-            idx, _ = params.index_means(zsym)
-            ysym = rng.integers(-4, 5, Y_SHAPE).astype(np.int32)
-            ysym.flat[::7] = rng.integers(-(2**31), 2**31 - 1, ysym.flat[::7].size)
+    for coder_name, coder, mshp, yfp in _symbols(rng, params):
+        for k, (zsym, idx, ysym) in enumerate(mshp):
             blob = coder.encode_stream([(zsym, zidx, z_tables), (ysym, idx, y_tables)])
             files[f"valid-mshp-{coder_name}-v2-{k}"] = pkt.pack(pkt.Packet(
                 "mshp", coder.coder_id, FP32, [], [blob], index_checksum(idx), pkt.FLAG_INT_HYPER))
-        ysym = rng.integers(-5, 6, Y_SHAPE).astype(np.int32)
-        ysym.flat[3] = np.iinfo(np.int32).max
-        blob = coder.encode_stream([(ysym, yidx_fp, fp_tables)])
+        blob = coder.encode_stream([(yfp, yidx_fp, fp_tables)])
         files[f"valid-fp-{coder_name}-v2"] = pkt.pack(pkt.Packet("fp", coder.coder_id, FP32, [], [blob]))
     base, fpbase = files["valid-mshp-numba-v2-0"], files["valid-fp-numba-v2"]
     body, blob = base[:-4], base[5:-4]
