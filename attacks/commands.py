@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -347,7 +345,7 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
 
         from splitbits.attacks.bench import run_bench
         from splitbits.attacks.runner import pick_device
-        from splitbits.runtime.report import rich_table, write_json
+        from splitbits.runtime.report import print_json, rich_table, write_json
 
     spec = spec_from_args(args)
     if spec is not None and not args.checkpoint:
@@ -370,15 +368,14 @@ def _bench_attack_run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, res)
     else:
-        json.dump(res, sys.stdout, indent=1)
-        print()
+        print_json(res)
     return 0
 
 
 def _strength_run(args: argparse.Namespace, spec: Any) -> int:
     from splitbits.attacks.runner import pick_device, resolve_target
     from splitbits.attacks.strength import compare_schedules, table
-    from splitbits.runtime.report import rich_table, write_json
+    from splitbits.runtime.report import print_json, rich_table, write_json
 
     if not args.checkpoint:
         raise CliError("--strength needs --checkpoint (a trained student: strength depends on the weights)")
@@ -403,8 +400,7 @@ def _strength_run(args: argparse.Namespace, spec: Any) -> int:
     if args.json:
         write_json(args.json, res)
     else:
-        json.dump(rows, sys.stdout, indent=1)
-        print()
+        print_json(rows)
     return 0
 
 

@@ -6,7 +6,6 @@ only at import."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from splitbits.runtime.cli import Command, backend_name, needs_extra, nonneg_float, output_file, positive_int
@@ -37,7 +36,7 @@ def _bench_serve_args(p: argparse.ArgumentParser) -> None:
 def _bench_serve_run(args: argparse.Namespace) -> int:
     with needs_extra("cluster"):
         from splitbits.cluster.bench import bench_serve
-        from splitbits.runtime.report import write_json
+        from splitbits.runtime.report import print_json, write_json
 
     res = bench_serve(args.bundle, requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, images=args.images,
@@ -50,8 +49,7 @@ def _bench_serve_run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, res)
     else:
-        json.dump(res, sys.stdout, indent=1)
-        print()
+        print_json(res)
     ok = all(res[k]["answered_exactly_once"] and res[k]["logits_equal"] for k in ("tcp", "ray_serve"))
     return 0 if ok else 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def write_json(path: str | Path, obj: Any, *, atomic: bool = False) -> Path:
     created). ``atomic``: written beside it and renamed over it, so no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    text = _dumps(obj)
     if not atomic:
         path.write_text(text)
         return path
@@ -52,6 +53,16 @@ def write_json(path: str | Path, obj: Any, *, atomic: bool = False) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def print_json(obj: Any) -> None:
+    """``obj`` as the same JSON :func:`write_json` writes, on standard output (a command without ``--json``)."""
+    sys.stdout.write(_dumps(obj))
+    sys.stdout.flush()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
 
 
 def _json_default(o: Any) -> Any:
