@@ -93,3 +93,17 @@ def tamper_tail(src: Path, dst: Path) -> Path:
     manifest = json.loads((dst / "manifest.json").read_text())
     _write_manifest(dst, manifest)
     return dst
+
+
+def stop_server(proc) -> None:
+    """Stop a ``splitbits serve`` subprocess as a user would (SIGTERM: it drains and writes its stats),
+    killing it only if it has not exited within 30 s."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

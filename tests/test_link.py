@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -330,6 +329,8 @@ def test_send_images_with_link_emulation_reports_times_and_accuracy(mshp):
 
 
 def test_serve_and_send_commands_end_to_end(tiny_bundles, tmp_path):
+    from support import stop_server
+
     bundle = str(tiny_bundles["fp"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     srv = subprocess.Popen([sys.executable, "-m", "splitbits.runtime.cli", "serve", bundle, "--port", "0",
@@ -352,12 +353,7 @@ def test_serve_and_send_commands_end_to_end(tiny_bundles, tmp_path):
         assert res["schema"] == "splitbits.send/1" and res["answered_ok"] == 5 and res["images"] == 5
         assert res["link"]["emulated_mbps"] == 100.0
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_server(srv)
     assert srv.returncode == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["answered_ok"] == 5 and stats["connections_open"] == 0

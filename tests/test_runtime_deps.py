@@ -87,9 +87,8 @@ def test_bench_and_send_on_builtin_run_without_train_dependencies(tiny_bundles, 
     `splitbits send` (against `splitbits serve`) on the builtin dataset, in interpreters where
     scikit-image, torch and compressai cannot be imported (a blocking finder installed by sitecustomize)."""
     import os
-    import signal
 
-    from support import TRAIN_ONLY_MODULES, runtime_only_env
+    from support import TRAIN_ONLY_MODULES, runtime_only_env, stop_server
 
     env = runtime_only_env(tmp_path, {**os.environ, "SPLITBITS_CACHE": str(tmp_path / "cache")})
     for mod in TRAIN_ONLY_MODULES:
@@ -116,9 +115,4 @@ def test_bench_and_send_on_builtin_run_without_train_dependencies(tiny_bundles, 
         sent = json.loads((tmp_path / "send.json").read_text())
         assert sent["answered_ok"] == 5 and sent["images"] == 5
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_server(srv)
