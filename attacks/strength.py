@@ -3,7 +3,8 @@
 Every schedule attacks the same images with the same ε, steps and EOT/copies; the payload is the
 real packet (``len()`` from the runtime's :class:`EdgeEncoder` on the bundle) of the uint8 image the
 edge would receive. Image sets: ``builtin`` (the builtin validation split at the model's input size),
-``photos`` (scikit-image's bundled photographs, resized and centre-cropped like an imagefolder),
+``photos`` (the builtin's background photographs — scikit-image's, 14 of them shipped with splitbits —
+resized and centre-cropped like an imagefolder),
 ``noise`` (uniform random images, seeded) and ``imagefolder:PATH``.
 
 The cost of each schedule is counted, not estimated: images through the analysis transform forward
@@ -12,10 +13,8 @@ and backward (hooks on g_a), and wall seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,27 +23,18 @@ from torch import Tensor
 
 from splitbits.attacks.runner import RuntimeMeter, Target, machine_info, perturb
 from splitbits.attacks.threats import SCHEDULES, AttackConfig, AttackConfigError, ThreatPoint
-from splitbits.runtime.datasets import DatasetError, load_arrays
+from splitbits.runtime.datasets import DatasetError, _load_image, load_arrays, photo_paths
 
-#: scikit-image's bundled photographs (the builtin dataset's background sources; files, never fetched)
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "ihc.png", "motorcycle_left.png", "rocket.jpg",
-          "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "gravel.png", "camera.png",
-          "moon.png", "coins.png", "cell.png", "clock_motion.png")
 SETS = ("builtin", "photos", "noise")
 
 
 def photo_images(size: int, limit: int | None = None) -> np.ndarray:
-    """scikit-image's photographs as uint8 NHWC, shorter side to size·256/224 then a centre crop."""
-    from splitbits.runtime.datasets import _load_image
-
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or spec.origin is None:
-        raise DatasetError("the photos set reads scikit-image's bundled photographs; install scikit-image "
-                           "(pip install 'splitbits[train]')")
-    root = Path(spec.origin).parent / "data"
-    paths = [root / n for n in PHOTOS if (root / n).is_file()][:limit]
+    """The builtin dataset's background photographs (:func:`~splitbits.runtime.datasets.photo_paths`: 16
+    with scikit-image installed, the 14 shipped ones without) as uint8 NHWC, shorter side to size·256/224
+    then a centre crop."""
+    paths = photo_paths()[:limit]
     if not paths:
-        raise DatasetError(f"no scikit-image photographs in {root}")
+        raise DatasetError("no background photographs found (reinstall splitbits)")
     return np.stack([_load_image(p, size) for p in paths])
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "load_arrays",
     "mean_jpeg_bytes",
     "open_dataset",
+    "photo_paths",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -181,8 +182,9 @@ def _skimage_data_dir() -> Path | None:
     return Path(spec.origin).parent / "data"
 
 
-def _photo_paths() -> list[Path]:
-    """The background files found, in :data:`_PHOTOS` order: the shipped copy first, else scikit-image's."""
+def photo_paths() -> list[Path]:
+    """The builtin's background photographs found, in :data:`_PHOTOS` order: the shipped copy first, else
+    scikit-image's (16 with scikit-image installed, 14 without)."""
     dirs = [_SHIPPED_PHOTOS]
     extra = _skimage_data_dir()
     if extra is not None:
@@ -208,7 +210,7 @@ def _load_photos() -> tuple[tuple[_Photo, ...], str]:
     from PIL import Image
 
     photos, h = [], hashlib.sha256()
-    for path in _photo_paths():
+    for path in photo_paths():
         data = path.read_bytes()
         h.update(path.name.encode() + b"\0" + hashlib.sha256(data).digest())
         with Image.open(io.BytesIO(data)) as im:

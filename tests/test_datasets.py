@@ -127,9 +127,9 @@ def test_builtin_64_is_byte_identical_to_earlier_releases(split: str) -> None:
 
 
 def test_builtin_shipped_photographs_are_read_first_and_match_scikit_image() -> None:
-    from splitbits.runtime.datasets import _SHIPPED_PHOTOS, _photo_paths, _skimage_data_dir
+    from splitbits.runtime.datasets import _SHIPPED_PHOTOS, _skimage_data_dir, photo_paths
 
-    paths = _photo_paths()
+    paths = photo_paths()
     shipped = sorted(p.name for p in _SHIPPED_PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
     assert len(shipped) == 14 and {p.name for p in paths} >= set(shipped)
     assert all(p.parent == _SHIPPED_PHOTOS for p in paths if p.name in shipped)
@@ -184,7 +184,7 @@ def test_builtin_without_scikit_image_uses_the_shipped_photographs(tmp_path: Pat
         "import json,sys;from splitbits.runtime import datasets as d;"
         "a=d.BuiltinDataset(split='val',image_size=64,limit=3,cache=False);"
         "b=d.BuiltinDataset(split='val',image_size=224,limit=3,cache=False);"
-        "print(json.dumps([sorted(p.name for p in d._photo_paths()),a.fingerprint,b[2][0].shape,"
+        "print(json.dumps([sorted(p.name for p in d.photo_paths()),a.fingerprint,b[2][0].shape,"
         "[m for m in ('skimage','torch') if m in sys.modules]]))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
